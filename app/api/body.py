@@ -1,0 +1,56 @@
+"""Reading, parsing and validating request bodies with OpenAI-shaped errors.
+
+Handlers read the body themselves (instead of FastAPI's model binding) so the size limit
+holds before the body is buffered, malformed JSON gets a clear 400, and the raw object
+is kept for pass-through to OpenAI-compatible upstreams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
+
+from app.errors import InvalidRequestError, PayloadTooLargeError, validation_error
+
+T = TypeVar("T")
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequestError("the request body is empty; send a JSON object",
+                                  code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequestError(
+            f"could not parse the JSON body of your request: {e.msg} at position {e.pos}",
+            code="invalid_json",
+        ) from e
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def validate(adapter: TypeAdapter[T], body: dict[str, Any]) -> T:
+    try:
+        return adapter.validate_python(body)
+    except ValidationError as e:
+        raise validation_error(list(e.errors(include_url=False))) from e
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")

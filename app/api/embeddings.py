@@ -1,0 +1,54 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.api.body import read_json_object, validate
+from app.api.exchange import Exchange
+from app.deps import StateDep, request_id
+from app.errors import GatewayError, InvalidRequestError
+from app.providers.base import EmbedCall
+from app.schemas.embeddings import EMBEDDING_REQUEST
+
+router = APIRouter()
+
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}
+        },
+    }
+}
+
+
+@router.post("/v1/embeddings", openapi_extra=_OPENAPI_BODY, tags=["openai"])
+async def embeddings(request: Request, state: StateDep) -> Response:
+    exchange = Exchange(request_id(request), "embeddings")
+    try:
+        body = await read_json_object(request, state.settings.flywheel_max_body_bytes)
+        req = validate(EMBEDDING_REQUEST, body)
+        if not req.texts or any(t == "" for t in req.texts):
+            raise InvalidRequestError("input must not be empty", param="input",
+                                      code="invalid_value")
+        exchange.target = target = state.router.pick(req.model)
+        call = EmbedCall(
+            request=req, body=body, deployment=target.deployment, api_key=target.api_key,
+            timeout_s=target.timeout_s, request_id=exchange.request_id,
+        )
+        exchange.attempts = 1
+        sent = time.perf_counter()
+        result = await state.providers.get(target.deployment.provider).embed(call)
+        exchange.upstream_s = time.perf_counter() - sent
+    except GatewayError as e:
+        exchange.record(state.recorder, status=e.status, error_code=e.code)
+        e.headers.update(exchange.headers())
+        raise
+    exchange.record(state.recorder, status=200, usage=result.get("usage"))
+    return Response(orjson.dumps(result), media_type="application/json",
+                    headers=exchange.headers())

@@ -1,0 +1,76 @@
+"""One client exchange: its timing, the `x-flywheel-*` headers and its request record."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.routing.router import Target
+from app.store.records import Recorder, RequestRecord
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    endpoint: str
+    stream: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)
+    target: Target | None = None
+    attempts: int = 0
+    upstream_s: float = 0.0
+    ttft_s: float | None = None
+
+    def overhead_ms(self) -> float:
+        return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000)
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "x-flywheel-cache": "bypass",
+            "x-flywheel-attempts": str(self.attempts),
+            "x-flywheel-overhead-ms": f"{self.overhead_ms():.2f}",
+        }
+        if self.target is not None:
+            out["x-flywheel-route"] = self.target.route
+            out["x-flywheel-deployment"] = self.target.deployment.name
+        return out
+
+    def record(
+        self,
+        recorder: Recorder,
+        *,
+        status: int,
+        usage: dict[str, Any] | None = None,
+        finish_reason: str | None = None,
+        error_code: str | None = None,
+        disconnected: bool = False,
+        usage_estimated: bool = False,
+    ) -> None:
+        prompt = int((usage or {}).get("prompt_tokens") or 0)
+        completion = int((usage or {}).get("completion_tokens") or 0)
+        d = self.target.deployment if self.target else None
+        cost = 0.0
+        if d is not None:
+            cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
+        recorder.record(RequestRecord(
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            route=self.target.route if self.target else None,
+            deployment=d.name if d else None,
+            provider=d.provider if d else None,
+            model=d.model if d else None,
+            status=status,
+            stream=self.stream,
+            started_at=self.started_wall,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost=cost,
+            finish_reason=finish_reason,
+            error_code=error_code,
+            client_disconnected=disconnected,
+            usage_estimated=usage_estimated,
+            attempts=self.attempts,
+        ))

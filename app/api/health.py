@@ -1,0 +1,84 @@
+"""GET /health (liveness, no I/O) and GET /health/detailed (dependencies, degraded ≠ down)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.deps import StateDep
+from app.state import AppState
+from app.store.db import current_revision
+from app.store.heartbeat import read_beats
+from app.store.schema import SCHEMA_REVISION
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 2.0
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _redis(state: AppState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if state.redis is None:
+        return {"status": "not_configured"}, []
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(state.redis.ping(), CHECK_TIMEOUT_S)
+        latency = (time.perf_counter() - started) * 1000
+        beats = await asyncio.wait_for(
+            read_beats(state.redis, state.settings.flywheel_redis_prefix), CHECK_TIMEOUT_S
+        )
+    except (RedisError, OSError, TimeoutError) as e:
+        return {"status": "down", "error": type(e).__name__}, []
+    return {"status": "ok", "latency_ms": round(latency, 2)}, beats
+
+
+async def _database(state: AppState) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            async with state.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            revision = await current_revision(state.engine)
+    except (SQLAlchemyError, OSError, TimeoutError) as e:
+        return {"status": "down", "error": type(e).__name__}
+    status = "ok" if revision == SCHEMA_REVISION else "schema_mismatch"
+    return {"status": status, "revision": revision,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _deployments(state: AppState) -> list[dict[str, Any]]:
+    out = []
+    for name, route in state.routes.routes.items():
+        for d in route.deployments:
+            reason = state.router.disabled.get(f"{name}/{d.name}")
+            out.append({"route": name, "deployment": d.name, "provider": d.provider,
+                        "enabled": reason is None, "disabled_reason": reason,
+                        "circuit": "closed"})
+    return out
+
+
+@router.get("/health/detailed")
+async def health_detailed(state: StateDep) -> dict[str, Any]:
+    (redis, beats), database = await asyncio.gather(_redis(state), _database(state))
+    workers_ok = any(w["alive"] for w in beats)
+    healthy = redis["status"] == "ok" and database["status"] == "ok" and workers_ok
+    return {
+        "status": "ok" if healthy else "degraded",
+        "uptime_s": round(time.time() - state.started_at, 1),
+        "redis": redis,
+        "database": database,
+        "workers": {"status": "ok" if workers_ok else "missing", "instances": beats},
+        "recorder": {"pending": state.recorder.pending, "dropped": state.recorder.dropped,
+                     "shipped": state.recorder.shipped},
+        "deployments": _deployments(state),
+    }

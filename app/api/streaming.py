@@ -1,0 +1,109 @@
+"""Server-sent events to the client, with accounting that survives a disconnect.
+
+The first upstream chunk is awaited before the response starts, so a failure before the
+first byte is still an ordinary JSON error with its real status. After that, a failure
+becomes an SSE error event followed by `[DONE]`. A client disconnect cancels this
+generator (Starlette listens for it), which cancels the upstream read and closes its
+connection; the `finally` block records the usage seen or estimated so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from app.api.exchange import Exchange
+from app.errors import GatewayError, UpstreamError
+from app.providers.mock import estimate_tokens, prompt_tokens
+from app.schemas.chat import ChatCompletionRequest
+from app.store.records import Recorder
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def first_chunk(upstream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await anext(upstream)
+    except StopAsyncIteration:
+        raise UpstreamError("upstream closed the stream without sending anything") from None
+
+
+class _Tally:
+    """What the stream carried, for the record when the upstream sent no usage."""
+
+    __slots__ = ("chars", "finish", "usage")
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def see(self, chunk: dict[str, Any]) -> None:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            self.chars += len(delta.get("content") or "")
+            for call in delta.get("tool_calls") or ():
+                self.chars += len((call.get("function") or {}).get("arguments") or "")
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+
+async def sse_body(
+    first: dict[str, Any],
+    upstream: AsyncIterator[dict[str, Any]],
+    *,
+    request: ChatCompletionRequest,
+    exchange: Exchange,
+    recorder: Recorder,
+) -> AsyncIterator[bytes]:
+    tally = _Tally()
+    wants_usage = request.wants_usage_in_stream
+    status, error_code, complete, disconnected = 200, None, False, False
+    chunk: dict[str, Any] | None = first
+    try:
+        while chunk is not None:
+            tally.see(chunk)
+            chunk["id"] = exchange.request_id
+            if not wants_usage and "usage" in chunk:
+                # The gateway asked the upstream for usage; the client did not.
+                del chunk["usage"]
+                if not chunk.get("choices"):
+                    chunk = await anext(upstream, None)
+                    continue
+            yield sse(chunk)
+            chunk = await anext(upstream, None)
+        complete = True
+        yield DONE
+    except GatewayError as e:
+        status, error_code = e.status, e.code
+        yield sse(e.body())
+        yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        disconnected = True
+        raise
+    finally:
+        usage = tally.usage
+        estimated = usage is None
+        if usage is None:
+            completion = estimate_tokens("x" * tally.chars)
+            usage = {"prompt_tokens": prompt_tokens(request), "completion_tokens": completion}
+        exchange.record(
+            recorder, status=status if complete or not disconnected else 499, usage=usage,
+            finish_reason=tally.finish, error_code=error_code,
+            disconnected=disconnected, usage_estimated=estimated,
+        )
+        if not complete:
+            # Normally the upstream generator is already finished by the exception that
+            # ended us; if we were closed between chunks, close it so its connection goes.
+            with contextlib.suppress(BaseException):
+                await upstream.aclose()  # type: ignore[attr-defined]

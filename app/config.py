@@ -1,0 +1,126 @@
+"""Process settings, read from the environment (and `.env`) by pydantic-settings.
+
+Every field here is listed in `.env.example`; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["dev", "staging", "prod"]
+Policy = Literal["cost_optimized", "balanced", "quality_optimized"]
+
+# Provider keys the gateway knows by their usual names. A deployment may name any
+# other variable in `api_key_env`; those are looked up in the process environment.
+PROVIDER_KEY_FIELDS = (
+    "openai_api_key",
+    "anthropic_api_key",
+    "groq_api_key",
+    "gemini_api_key",
+    "together_api_key",
+    "openrouter_api_key",
+    "deepseek_api_key",
+    "mistral_api_key",
+)
+
+
+class SettingsError(ValueError):
+    """The environment does not describe a startable gateway."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    flywheel_env: Environment = "dev"
+    flywheel_policy: Policy = "balanced"
+    flywheel_config: Path | None = None
+    flywheel_master_key: SecretStr | None = None
+    flywheel_var_dir: Path = Path("var")
+    flywheel_log_level: str = "INFO"
+    flywheel_max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    flywheel_upstream_timeout_s: float = Field(default=120.0, gt=0)
+    flywheel_upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    flywheel_upstream_max_connections: int = Field(default=1000, gt=0)
+    flywheel_redis_timeout_s: float = Field(default=0.25, gt=0)
+    flywheel_redis_prefix: str = "flywheel:"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    redis_url: SecretStr | None = None
+    database_url: SecretStr | None = None
+
+    openai_api_key: SecretStr | None = None
+    anthropic_api_key: SecretStr | None = None
+    groq_api_key: SecretStr | None = None
+    gemini_api_key: SecretStr | None = None
+    together_api_key: SecretStr | None = None
+    openrouter_api_key: SecretStr | None = None
+    deepseek_api_key: SecretStr | None = None
+    mistral_api_key: SecretStr | None = None
+
+    otel_service_name: str = "flywheel"
+    otel_exporter_otlp_endpoint: str | None = None
+    langsmith_tracing: bool = False
+    langsmith_api_key: SecretStr | None = None
+    langsmith_project: str | None = None
+
+    @field_validator("redis_url", "database_url", "flywheel_master_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _master_key_outside_dev(self) -> Settings:
+        if self.flywheel_env != "dev" and self.flywheel_master_key is None:
+            raise SettingsError(
+                f"FLYWHEEL_MASTER_KEY is required when FLYWHEEL_ENV={self.flywheel_env}"
+            )
+        return self
+
+    @property
+    def database_dsn(self) -> str:
+        """The SQLAlchemy async URL, with `postgres://` spellings normalised."""
+        if self.database_url is None:
+            return f"sqlite+aiosqlite:///{(self.flywheel_var_dir / 'flywheel.db').as_posix()}"
+        return normalise_database_url(self.database_url.get_secret_value())
+
+    @property
+    def redis_dsn(self) -> str | None:
+        """REDIS_URL, or the embedded server's socket when `flywheel run` started one."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        socket = self.flywheel_var_dir / "redis.sock"
+        return f"unix://{socket.resolve()}" if socket.exists() else None
+
+    @property
+    def routes_path(self) -> Path | None:
+        if self.flywheel_config is not None:
+            return self.flywheel_config
+        default = Path("flywheel.yaml")
+        return default if default.is_file() else None
+
+    def provider_key(self, env_name: str) -> SecretStr | None:
+        """The secret a deployment names by `api_key_env`, from settings or the environment."""
+        field = env_name.lower()
+        if field in PROVIDER_KEY_FIELDS:
+            value: SecretStr | None = getattr(self, field)
+            return value
+        raw = os.environ.get(env_name)
+        return SecretStr(raw) if raw else None
+
+
+def normalise_database_url(url: str) -> str:
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    return url

@@ -1,0 +1,196 @@
+"""The upstream HTTP transport shared by the adapters.
+
+One aiohttp session per process, with explicit pool limits and separate connect and read
+timeouts. aiohttp was chosen by measurement: the issue's calibration (and `make bench`)
+show httpx's default pool collapsing under concurrency while aiohttp holds up.
+Transport exceptions are translated here, so adapters only see `app.errors` types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    sanitise,
+)
+
+JSON = dict[str, Any]
+# Pulls (message, code, param) out of a provider's error body.
+ErrorReader = Callable[[Any], tuple[str | None, str | None, str | None]]
+
+
+def make_session(*, max_connections: int, connect_timeout_s: float) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=60,
+        enable_cleanup_closed=True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+        json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        raise_for_status=False,
+        auto_decompress=True,
+        trust_env=False,
+    )
+
+
+def openai_error_reader(body: Any) -> tuple[str | None, str | None, str | None]:
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return (
+            _str_or_none(err.get("message")),
+            _str_or_none(err.get("code")) or _str_or_none(err.get("type")),
+            _str_or_none(err.get("param")),
+        )
+    if isinstance(err, str):
+        return err, None, None
+    return None, None, None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`Retry-After` (seconds or an HTTP date), or OpenAI's `retry-after-ms`."""
+    if ms := headers.get("retry-after-ms"):
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+
+
+async def status_error(
+    resp: aiohttp.ClientResponse, reader: ErrorReader, secret: str
+) -> UpstreamStatusError:
+    raw = await resp.read()
+    try:
+        message, code, param = reader(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        message, code, param = None, None, None
+    text = message or raw.decode("utf-8", "replace")[:500] or resp.reason or "upstream error"
+    return UpstreamStatusError(
+        resp.status,
+        sanitise(f"upstream returned {resp.status}: {text}", secret),
+        code=code,
+        param=param,
+        retry_after=retry_after_seconds(resp.headers),
+    )
+
+
+def transport_error(exc: BaseException, secret: str) -> GatewayError:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeoutError("upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamError("upstream connection closed before the answer was complete")
+    return UpstreamError(sanitise(f"cannot reach upstream: {type(exc).__name__}", secret))
+
+
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: JSON,
+    timeout_s: float,
+    reader: ErrorReader,
+    secret: str,
+) -> JSON:
+    try:
+        async with session.post(
+            url,
+            data=orjson.dumps(body),
+            headers={**headers, "content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            if resp.status >= 400:
+                raise await status_error(resp, reader, secret)
+            raw = await resp.read()
+    except GatewayError:
+        raise
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise transport_error(e, secret) from e
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise UpstreamError("upstream answered with invalid JSON") from e
+    if not isinstance(parsed, dict):
+        raise UpstreamError("upstream answered with an unexpected JSON value")
+    return parsed
+
+
+async def stream_lines(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: JSON,
+    timeout_s: float,
+    reader: ErrorReader,
+    secret: str,
+) -> AsyncIterator[bytes]:
+    """POST and yield the response's lines; the timeout bounds each wait for data."""
+    try:
+        async with session.post(
+            url,
+            data=orjson.dumps(body),
+            headers={**headers, "content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s),
+        ) as resp:
+            if resp.status >= 400:
+                raise await status_error(resp, reader, secret)
+            async for line in resp.content:
+                yield line
+    except GatewayError:
+        raise
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise transport_error(e, secret) from e
+
+
+async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
+    """(event name, data) of each server-sent event; comments and keep-alives skipped."""
+    event = ""
+    data: list[bytes] = []
+    async for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield event, b"\n".join(data)
+            event, data = "", []
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+    if data:
+        yield event, b"\n".join(data)
+
+
+def parse_event(data: bytes) -> JSON:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise UpstreamError("upstream sent a malformed stream chunk") from e
+    if not isinstance(parsed, dict):
+        raise UpstreamError("upstream sent an unexpected stream chunk")
+    return parsed

@@ -1,0 +1,151 @@
+"""The routes file: its schema, loading, validation and the built-in defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.config import Settings
+
+ProviderName = Literal["openai", "openai_compatible", "anthropic", "gemini", "mock"]
+Strategy = Literal["priority", "weighted", "least_latency", "adaptive"]
+
+# Providers whose deployments cannot work without a key.
+KEYED_PROVIDERS = frozenset({"openai", "anthropic", "gemini"})
+
+
+class RoutesFileError(ValueError):
+    """A routes file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MockParams(_Strict):
+    """How a `mock` deployment behaves: deterministic for a given seed."""
+
+    latency_ms: float = Field(default=20.0, ge=0)
+    jitter_ms: float = Field(default=5.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    quality: float = Field(default=0.95, ge=0, le=1)
+    seed: int = 0
+
+
+class DeploymentConfig(_Strict):
+    name: str = Field(min_length=1)
+    provider: ProviderName
+    model: str = Field(min_length=1)
+    api_base: str | None = None
+    api_key_env: str | None = None
+    weight: float = Field(default=1.0, ge=0)
+    priority: int = 0
+    input_cost_per_1k: float = Field(default=0.0, ge=0)
+    output_cost_per_1k: float = Field(default=0.0, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    context_window: int | None = Field(default=None, gt=0)
+    stream_usage: bool = True
+    mock: MockParams | None = None
+
+
+class RouteConfig(_Strict):
+    strategy: Strategy = "weighted"
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    fallbacks: list[str] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> RouteConfig:
+        names = [d.name for d in self.deployments]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"deployment names must be unique, repeated: {duplicates}")
+        return self
+
+
+class RoutesFile(_Strict):
+    routes: dict[str, RouteConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> RoutesFile:
+        for name, route in self.routes.items():
+            for target in route.fallbacks:
+                if target not in self.routes:
+                    raise ValueError(f"route {name!r} falls back to unknown route {target!r}")
+                if target == name:
+                    raise ValueError(f"route {name!r} falls back to itself")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_routes(data: Any, source: str) -> RoutesFile:
+    try:
+        return RoutesFile.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise RoutesFileError(
+            f"{source}: invalid key {_location(first['loc'])}: {first['msg']}"
+            + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else "")
+        ) from e
+
+
+def load_routes_file(path: Path) -> RoutesFile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RoutesFileError(f"{path}: cannot read routes file: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RoutesFileError(f"{path}: not valid YAML: {e}") from e
+    return parse_routes(data, str(path))
+
+
+# Built-in routes: `demo` always, and one example route per provider whose key is set.
+# flywheel.example.yaml documents the same routes for operators to copy and extend.
+_EXAMPLES: tuple[tuple[str, str, str, str, str | None, float, float], ...] = (
+    ("gpt-4o-mini", "openai", "gpt-4o-mini", "OPENAI_API_KEY", None, 0.00015, 0.0006),
+    ("claude-haiku", "anthropic", "claude-3-5-haiku-latest", "ANTHROPIC_API_KEY", None,
+     0.0008, 0.004),
+    ("gemini-flash", "gemini", "gemini-2.0-flash", "GEMINI_API_KEY", None, 0.0001, 0.0004),
+    ("groq-llama", "openai_compatible", "llama-3.3-70b-versatile", "GROQ_API_KEY",
+     "https://api.groq.com/openai/v1", 0.00059, 0.00079),
+)
+
+
+def default_routes(settings: Settings) -> RoutesFile:
+    routes: dict[str, Any] = {
+        "demo": {
+            "strategy": "weighted",
+            "deployments": [
+                {"name": "mock-fast", "provider": "mock", "model": "mock-fast", "weight": 3,
+                 "input_cost_per_1k": 0.0001, "output_cost_per_1k": 0.0002,
+                 "mock": {"latency_ms": 30, "jitter_ms": 10, "quality": 0.9, "seed": 1}},
+                {"name": "mock-smart", "provider": "mock", "model": "mock-smart", "weight": 1,
+                 "input_cost_per_1k": 0.001, "output_cost_per_1k": 0.002,
+                 "mock": {"latency_ms": 120, "jitter_ms": 30, "quality": 0.98, "seed": 2}},
+            ],
+        }
+    }
+    for route, provider, model, key_env, api_base, cost_in, cost_out in _EXAMPLES:
+        if settings.provider_key(key_env) is None:
+            continue
+        deployment: dict[str, Any] = {
+            "name": route, "provider": provider, "model": model, "api_key_env": key_env,
+            "input_cost_per_1k": cost_in, "output_cost_per_1k": cost_out,
+        }
+        if api_base:
+            deployment["api_base"] = api_base
+        routes[route] = {"strategy": "priority", "deployments": [deployment]}
+    return parse_routes({"routes": routes}, "built-in routes")
+
+
+def load_routes(settings: Settings) -> RoutesFile:
+    path = settings.routes_path
+    return default_routes(settings) if path is None else load_routes_file(path)

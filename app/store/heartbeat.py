@@ -1,0 +1,42 @@
+"""Worker heartbeats: written by workers, read by `/health/detailed`.
+
+Kept in one Redis hash (worker id → last beat) so the health check is one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+HEARTBEAT_INTERVAL_S = 10
+STALE_AFTER_S = 3 * HEARTBEAT_INTERVAL_S + 5
+FORGET_AFTER_S = 3600
+
+
+def workers_key(prefix: str) -> str:
+    return prefix + "workers"
+
+
+async def write_beat(redis: Redis, prefix: str, worker_id: str, info: dict[str, Any]) -> None:
+    now = time.time()
+    key = workers_key(prefix)
+    await redis.hset(key, worker_id, orjson.dumps({**info, "last_beat_at": now}))
+    # Workers that stopped long ago are forgotten so the hash does not grow forever.
+    for wid, raw in (await redis.hgetall(key)).items():
+        if now - float(orjson.loads(raw).get("last_beat_at", 0)) > FORGET_AFTER_S:
+            await redis.hdel(key, wid)
+
+
+async def read_beats(redis: Redis, prefix: str) -> list[dict[str, Any]]:
+    now = time.time()
+    out = []
+    for wid, raw in (await redis.hgetall(workers_key(prefix))).items():
+        info = orjson.loads(raw)
+        age = now - float(info.get("last_beat_at", 0))
+        worker_id = wid.decode() if isinstance(wid, bytes) else str(wid)
+        out.append({**info, "worker_id": worker_id, "age_s": round(age, 1),
+                    "alive": age <= STALE_AFTER_S})
+    return sorted(out, key=lambda w: w["age_s"])

@@ -1,0 +1,251 @@
+"""`make bench`: the gateway's overhead against a fast fake OpenAI upstream (nginx).
+
+For JSON and streaming chat completions at concurrency 1, 16 and 64, wrk drives load
+for a bounded time straight at nginx and then through the gateway, in the same run, so
+"added" figures are gateway minus direct. Also measured: time to first token (c=1),
+the gateway's RSS idle and after load, and its cold start. Everything listens on
+127.0.0.1 only and every process started here is stopped on exit, including Ctrl-C.
+
+    .venv/bin/python scripts/bench.py [--quick | --seconds S] [--repeat N] [--json out.json]
+
+It is a report, not a test: it exits 0 when the run completed, whether or not targets
+were met (pass --strict to exit 1 on a missed target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import report, ttft, wrk
+from bench.gateway import Gateway, GatewaySetup, start_measured
+from bench.procs import BenchError, Processes
+from bench.report import CONCURRENCY, Figures
+from bench.upstream import nginx_binary, start_nginx
+
+MISSING_TOOLS = 2
+WARMUP_S = 1.0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per cell (10)")
+    parser.add_argument("--quick", action="store_true", help="3 s per cell, 100 TTFT requests")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of the whole matrix")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the numbers here")
+    parser.add_argument("--ttft-requests", type=int, default=300, help="per side (300)")
+    parser.add_argument("--cold-starts", type=int, default=3, help="gateway starts (3)")
+    parser.add_argument("--direct-only", action="store_true", help="skip the gateway")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = 3.0
+        args.ttft_requests = min(args.ttft_requests, 100)
+    if args.seconds <= 0 or args.seconds > 600 or args.repeat < 1 or args.ttft_requests < 1:
+        parser.error("need 0 < --seconds <= 600, --repeat >= 1, --ttft-requests >= 1")
+    return args
+
+
+def find_tools() -> tuple[str, str] | None:
+    nginx, wrk_bin = nginx_binary(), shutil.which("wrk")
+    if nginx and wrk_bin:
+        return nginx, wrk_bin
+    missing = " and ".join(n for n, p in (("nginx", nginx), ("wrk", wrk_bin)) if not p)
+    print(
+        f"bench: {missing} not found on PATH (nor in /usr/sbin).\n"
+        "Install the Debian packages first:  apt-get install nginx-light wrk",
+        file=sys.stderr,
+    )
+    return None
+
+
+def request_body(model: str, *, stream: bool) -> str:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 16,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":"))
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Run:
+    """One pass over the whole matrix; collects its figures."""
+
+    def __init__(self, args: argparse.Namespace, wrk_bin: str, nginx_port: int) -> None:
+        self.args = args
+        self.wrk_bin = wrk_bin
+        self.direct = f"http://127.0.0.1:{nginx_port}"
+        self.fig: Figures = {}
+
+    def targets(self, kind: str, gateway: Gateway | None) -> list[tuple[str, str, str]]:
+        """(side, url, body) for one kind of request."""
+        stream = kind == "stream"
+        prefix = "/stream" if stream else ""
+        sides = [
+            (
+                "direct",
+                f"{self.direct}{prefix}/v1/chat/completions",
+                request_body("gpt-4o-mini", stream=stream),
+            )
+        ]
+        if gateway is not None:
+            body = request_body(f"bench-{kind}", stream=stream)
+            sides.append(("gateway", f"{gateway.url}/v1/chat/completions", body))
+        return sides
+
+    def load(self, gateway: Gateway | None) -> None:
+        for kind, _ in report.KINDS:
+            for side, url, body in self.targets(kind, gateway):
+                if side == "gateway":  # pools, caches and lazy imports, off the record
+                    wrk.run(self.wrk_bin, url, body, connections=16, seconds=WARMUP_S)
+            for c in CONCURRENCY:
+                for side, url, body in self.targets(kind, gateway):
+                    res = wrk.run(self.wrk_bin, url, body, connections=c, seconds=self.args.seconds)
+                    for name, value in res.figures().items():
+                        self.fig[f"{kind}.c{c}.{side}.{name}"] = value
+                    progress(
+                        f"  {kind:<6} c={c:<3} {side:<8} {res.rps:>8.0f} req/s  "
+                        f"p50 {res.p50_ms:6.2f}  p90 {res.p90_ms:6.2f}  "
+                        f"p99 {res.p99_ms:6.2f} ms  errors {res.errors}"
+                    )
+
+    def time_to_first_token(self, gateway: Gateway | None) -> None:
+        for side, url, body in self.targets("stream", gateway):
+            res = ttft.measure(url, body, requests=self.args.ttft_requests)
+            self.fig[f"ttft.{side}.median_ms"] = res.median_ms
+            self.fig[f"ttft.{side}.p99_ms"] = res.p99_ms
+            progress(
+                f"  TTFT   c=1   {side:<8} median {res.median_ms:.3f} ms  "
+                f"p99 {res.p99_ms:.3f} ms  ({res.samples} requests)"
+            )
+
+
+def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
+    """Start a gateway (measuring cold starts and idle RSS), load it, stop it."""
+    gateway: Gateway | None = None
+    if setup is not None:
+        gateway, cold = start_measured(procs, setup, run.args.cold_starts)
+        time.sleep(0.5)
+        run.fig.update(cold_start_s=cold, **{"rss.idle_mb": gateway.rss_mb()})
+        progress(
+            f"  gateway up on {gateway.url}: cold start {cold:.3f} s (median), "
+            f"idle RSS {run.fig['rss.idle_mb']:.1f} MB"
+        )
+    try:
+        run.load(gateway)
+        run.time_to_first_token(gateway)
+        if gateway is not None:
+            run.fig["rss.after_load_mb"] = gateway.rss_mb()
+    finally:
+        if gateway is not None:
+            procs.stop(gateway.proc)
+    report.add_derived(run.fig)
+    return run.fig
+
+
+def tool_versions(nginx: str, wrk_bin: str) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
+        return (done.stderr or done.stdout).strip().splitlines()[0] if done else ""
+
+    return {
+        "nginx": first_line([nginx, "-v"]),
+        "wrk": first_line([wrk_bin, "-v"]),
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def write_json(
+    path: Path, args: argparse.Namespace, meta: dict[str, str], runs: list[Figures], med: Figures
+) -> None:
+    out = {
+        "meta": {
+            **meta,
+            "seconds_per_cell": args.seconds,
+            "repeat": args.repeat,
+            "ttft_requests": args.ttft_requests,
+            "concurrency": list(CONCURRENCY),
+        },
+        "runs": runs,
+        "median": med,
+        "targets": [
+            {
+                "label": t.label,
+                "figure": t.key,
+                "op": t.op,
+                "limit": t.limit,
+                "value": med.get(t.key),
+                "met": t.key in med and t.met(med[t.key]),
+            }
+            for t in report.targets()
+        ],
+    }
+    path.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    tools = find_tools()
+    if tools is None:
+        return MISSING_TOOLS
+    nginx, wrk_bin = tools
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, CI: clean up like Ctrl-C
+    started = time.perf_counter()
+    runs: list[Figures] = []
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp_name,
+            Processes() as procs,
+        ):
+            tmp = Path(tmp_name)
+            _, nginx_port = start_nginx(procs, tmp / "nginx", nginx)
+            setup = None if args.direct_only else GatewaySetup(tmp / "gateway", nginx_port)
+            if setup is not None:
+                setup.prepare()
+            for i in range(args.repeat):
+                progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
+                runs.append(run_once(procs, Run(args, wrk_bin, nginx_port), setup))
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; processes stopped.", file=sys.stderr)
+        return 130
+    except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    med = report.medians(runs)
+    print(report.render(med, len(runs)))
+    print(
+        f"\n(wall time {time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs; "
+        "nginx, wrk and the gateway share them)"
+    )
+    if args.json is not None:
+        write_json(args.json, args, tool_versions(nginx, wrk_bin), runs, med)
+        print(f"numbers written to {args.json}")
+    missed = [t for t in report.targets() if t.key in med and not t.met(med[t.key])]
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

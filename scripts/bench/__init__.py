@@ -1,0 +1,1 @@
+"""The pieces of `make bench`: fake upstream, gateway processes, wrk, TTFT probe, report."""

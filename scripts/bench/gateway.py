@@ -1,0 +1,128 @@
+"""The gateway under test: one uvicorn worker over a temp routes file and a temp SQLite.
+
+Cold start is the time from spawning uvicorn to the first 200 from GET /health.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import BenchError, Processes, free_port, rss_mb, wait_for_http
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ROUTES = """\
+routes:
+  bench-json:
+    strategy: priority
+    deployments:
+      - {{name: nginx-json, provider: openai_compatible, model: gpt-4o-mini,
+          api_base: "http://127.0.0.1:{port}/v1"}}
+  bench-stream:
+    strategy: priority
+    deployments:
+      - {{name: nginx-stream, provider: openai_compatible, model: gpt-4o-mini,
+          api_base: "http://127.0.0.1:{port}/stream/v1"}}
+"""
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.proc.pid)
+
+
+@dataclass(frozen=True)
+class GatewaySetup:
+    """Everything one gateway process needs; `prepare` writes the files and migrates."""
+
+    tmp: Path
+    upstream_port: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env.update(
+            FLYWHEEL_CONFIG=str(self.tmp / "routes.yaml"),
+            FLYWHEEL_VAR_DIR=str(self.tmp / "var"),
+            DATABASE_URL=f"sqlite+aiosqlite:///{self.tmp / 'bench.db'}",
+        )
+        return env
+
+    @property
+    def log(self) -> Path:
+        return self.tmp / "gateway.log"
+
+    def prepare(self) -> None:
+        (self.tmp / "var").mkdir(parents=True, exist_ok=True)
+        (self.tmp / "routes.yaml").write_text(ROUTES.format(port=self.upstream_port))
+        flywheel = BIN / "flywheel"
+        if not flywheel.exists():
+            raise BenchError(f"{flywheel} is missing; run `make dev` first")
+        done = subprocess.run(
+            [str(flywheel), "migrate"],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"`flywheel migrate` failed ({done.returncode}):\n{done.stderr}")
+
+    def start(self, procs: Processes) -> tuple[Gateway, float]:
+        """Spawn uvicorn and wait for /health; the gateway and its cold start in seconds."""
+        port = free_port()
+        argv = [
+            str(BIN / "uvicorn"),
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+        ]
+        # The gateway's cwd is the temp dir, so a developer's .env or flywheel.yaml in
+        # the repository does not leak into the measurement.
+        since = time.perf_counter()
+        proc = procs.start(argv, env=self.env, cwd=self.tmp, log=self.log)
+        cold = wait_for_http(
+            proc, port, "/health", timeout_s=START_TIMEOUT_S, log=self.log, since=since
+        )
+        return Gateway(proc, port), cold
+
+
+def start_measured(
+    procs: Processes, setup: GatewaySetup, cold_starts: int
+) -> tuple[Gateway, float]:
+    """Start the gateway `cold_starts` times, keep the last; the median cold start."""
+    times: list[float] = []
+    gateway: Gateway | None = None
+    for _ in range(max(1, cold_starts)):
+        if gateway is not None:
+            procs.stop(gateway.proc)
+        gateway, cold = setup.start(procs)
+        times.append(cold)
+    assert gateway is not None
+    return gateway, statistics.median(times)

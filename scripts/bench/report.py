@@ -1,0 +1,134 @@
+"""Figures (a flat name → number map per run), their medians, and the printed report."""
+
+from __future__ import annotations
+
+import operator
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Figures = dict[str, float]
+KINDS = (("json", "JSON (non-streaming)"), ("stream", "SSE streaming (full response)"))
+CONCURRENCY = (1, 16, 64)
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    key: str
+    op: str  # "<=" or ">="
+    limit: float
+    unit: str
+
+    def met(self, value: float) -> bool:
+        compare: Callable[[float, float], bool] = operator.le if self.op == "<=" else operator.ge
+        return compare(value, self.limit)
+
+
+def targets() -> list[Target]:
+    rows: list[Target] = []
+    for kind, _ in KINDS:
+        rows += [
+            Target(f"{kind}: added latency c=1 p50", f"{kind}.c1.added_p50_ms", "<=", 0.6, "ms"),
+            Target(f"{kind}: added latency c=1 p99", f"{kind}.c1.added_p99_ms", "<=", 1.5, "ms"),
+            Target(f"{kind}: gateway c=16 throughput", f"{kind}.c16.gateway.rps", ">=", 2500, "/s"),
+            Target(f"{kind}: gateway c=16 errors", f"{kind}.c16.gateway.errors", "<=", 0, ""),
+            Target(f"{kind}: gateway c=64 p99", f"{kind}.c64.gateway.p99_ms", "<=", 40, "ms"),
+        ]
+    return [
+        *rows,
+        Target("stream: TTFT added c=1 (median)", "ttft.added_median_ms", "<=", 1.0, "ms"),
+        Target("idle RSS", "rss.idle_mb", "<=", 120, "MB"),
+        Target("cold start (median of starts)", "cold_start_s", "<=", 2.0, "s"),
+    ]
+
+
+def add_derived(fig: Figures) -> None:
+    """Gateway-minus-direct figures of one run (both sides measured in the same run)."""
+    for kind, _ in KINDS:
+        for c in CONCURRENCY:
+            base = f"{kind}.c{c}"
+            if f"{base}.gateway.p50_ms" in fig and f"{base}.direct.p50_ms" in fig:
+                for p in ("p50", "p99"):
+                    added = fig[f"{base}.gateway.{p}_ms"] - fig[f"{base}.direct.{p}_ms"]
+                    fig[f"{base}.added_{p}_ms"] = added
+    if "ttft.gateway.median_ms" in fig and "ttft.direct.median_ms" in fig:
+        for stat in ("median", "p99"):
+            added = fig[f"ttft.gateway.{stat}_ms"] - fig[f"ttft.direct.{stat}_ms"]
+            fig[f"ttft.added_{stat}_ms"] = added
+
+
+def medians(runs: Sequence[Figures]) -> Figures:
+    """Per figure, the median over the runs that have it."""
+    keys = sorted({k for run in runs for k in run})
+    return {k: statistics.median(run[k] for run in runs if k in run) for k in keys}
+
+
+def _num(fig: Figures, key: str, fmt: str = "{:.2f}") -> str:
+    return fmt.format(fig[key]) if key in fig else "-"
+
+
+def _cell(fig: Figures, prefix: str) -> str:
+    return (
+        f"{_num(fig, prefix + '.rps', '{:.0f}'):>8} "
+        f"{_num(fig, prefix + '.p50_ms'):>7} {_num(fig, prefix + '.p90_ms'):>7} "
+        f"{_num(fig, prefix + '.p99_ms'):>7} {_num(fig, prefix + '.errors', '{:.0f}'):>5}"
+    )
+
+
+def load_tables(fig: Figures) -> list[str]:
+    head = f"{'req/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'err':>5}"
+    lines: list[str] = []
+    for kind, title in KINDS:
+        lines += [
+            "",
+            f"{title} — latency in ms",
+            f"{'':>5} | {'direct to nginx':^37} | {'through the gateway':^37} | {'added':^15}",
+            f"{'conc':>5} | {head} | {head} | {'p50':>7} {'p99':>7}",
+        ]
+        for c in CONCURRENCY:
+            base = f"{kind}.c{c}"
+            lines.append(
+                f"{c:>5} | {_cell(fig, base + '.direct')} | {_cell(fig, base + '.gateway')} | "
+                f"{_num(fig, base + '.added_p50_ms'):>7} {_num(fig, base + '.added_p99_ms'):>7}"
+            )
+    return lines
+
+
+def other_lines(fig: Figures) -> list[str]:
+    return [
+        "",
+        "Time to first content token, streaming, c=1 (sequential requests), ms",
+        f"  direct   median {_num(fig, 'ttft.direct.median_ms', '{:.3f}'):>8}"
+        f"   p99 {_num(fig, 'ttft.direct.p99_ms', '{:.3f}'):>8}",
+        f"  gateway  median {_num(fig, 'ttft.gateway.median_ms', '{:.3f}'):>8}"
+        f"   p99 {_num(fig, 'ttft.gateway.p99_ms', '{:.3f}'):>8}",
+        f"  added    median {_num(fig, 'ttft.added_median_ms', '{:.3f}'):>8}"
+        f"   p99 {_num(fig, 'ttft.added_p99_ms', '{:.3f}'):>8}",
+        "",
+        f"Gateway RSS: idle {_num(fig, 'rss.idle_mb', '{:.1f}')} MB, "
+        f"after load {_num(fig, 'rss.after_load_mb', '{:.1f}')} MB",
+        f"Cold start (spawn → first 200 on /health): {_num(fig, 'cold_start_s', '{:.3f}')} s",
+    ]
+
+
+def summary(fig: Figures, runs: int) -> list[str]:
+    title = "SUMMARY" + (f" (median of {runs} runs)" if runs > 1 else "")
+    lines = ["", title, f"{'figure':<36} {'value':>10}   {'target':<12} {'':4}", "-" * 68]
+    failed = 0
+    for t in targets():
+        if t.key not in fig:
+            lines.append(f"{t.label:<36} {'-':>10}   {t.op} {t.limit:g} {t.unit:<6} n/a")
+            continue
+        value = fig[t.key]
+        ok = t.met(value)
+        failed += not ok
+        shown = f"{value:.0f}" if t.unit in ("/s", "") else f"{value:.3f}"
+        target = f"{t.op} {t.limit:,g} {t.unit}".strip()
+        lines.append(f"{t.label:<36} {shown:>10}   {target:<12} {'ok' if ok else 'MISS'}")
+    lines += ["-" * 68, f"{len(targets()) - failed} of {len(targets())} targets met"]
+    return lines
+
+
+def render(fig: Figures, runs: int) -> str:
+    return "\n".join([*load_tables(fig), *other_lines(fig), *summary(fig, runs)])

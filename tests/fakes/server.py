@@ -1,0 +1,116 @@
+"""Run a fake upstream (an aiohttp web app) on 127.0.0.1 in a thread of its own.
+
+A thread keeps the fake independent of the event loop under test, so it serves the
+gateway process in end-to-end tests and the in-process app in API tests alike.
+
+Fault modes are chosen by the upstream model name a deployment asks for, so one fake
+serves every behaviour at once:
+  fail-<status>   answer that status with the provider's error shape
+                  (429 carries `Retry-After: 2`)
+  slow-<ms>       wait that long before answering (or before the first chunk)
+  cut-<n>         stream n content chunks, then drop the connection
+  malformed       stream one good chunk, then a chunk that is not JSON
+  drip-<ms>       stream chunks <ms> apart, many of them (for disconnect tests)
+anything else     a normal answer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    """What a fake received, for assertions."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeState:
+    seen: list[Seen] = field(default_factory=list)
+    open_streams: int = 0
+    closed_streams: int = 0
+    # Set when a streaming connection closed before the fake finished writing.
+    disconnects: list[float] = field(default_factory=list)
+
+
+def fault_of(model: str) -> tuple[str, int]:
+    """('fail', 429), ('slow', 300), ('cut', 3), ('malformed', 0), ('drip', 50) or ('', 0)."""
+    for kind in ("fail", "slow", "cut", "drip"):
+        if model.startswith(kind + "-"):
+            try:
+                return kind, int(model.split("-", 1)[1])
+            except ValueError:
+                return "", 0
+    if model == "malformed":
+        return "malformed", 0
+    return "", 0
+
+
+class FakeServer:
+    def __init__(self, make_app: Callable[[FakeState], web.Application]) -> None:
+        self.state = FakeState()
+        self._make_app = make_app
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def seen(self) -> list[Seen]:
+        return self.state.seen
+
+    def start(self) -> FakeServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self._make_app(self.state), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def remember(state: FakeState, request: web.Request) -> Any:
+    body: Any = None
+    if request.can_read_body:
+        raw = await request.read()
+        try:
+            body = await request.json() if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+    state.seen.append(
+        Seen(request.method, request.path, dict(request.headers), dict(request.query), body)
+    )
+    return body

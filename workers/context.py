@@ -1,0 +1,47 @@
+"""What every job gets: settings, the database engine and the worker's identity.
+
+Built once in arq's `on_startup` and kept in arq's ctx dict under one typed key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+from app.store.db import make_engine
+
+CTX_KEY = "flywheel"
+
+
+@dataclass(slots=True)
+class WorkerContext:
+    settings: Settings
+    engine: AsyncEngine
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+    started_at: float = field(default_factory=time.time)
+    beats: int = 0
+
+
+def get_context(ctx: dict[str, Any]) -> WorkerContext:
+    wctx: WorkerContext = ctx[CTX_KEY]
+    return wctx
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings = Settings()
+    ctx[CTX_KEY] = WorkerContext(settings=settings, engine=make_engine(settings.database_dsn))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    wctx = ctx.get(CTX_KEY)
+    if isinstance(wctx, WorkerContext):
+        await wctx.engine.dispose()
