@@ -27,9 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from bench import report, ttft, wrk
+from bench import check, report, ttft, wrk
+from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured
 from bench.procs import BenchError, Processes
 from bench.report import CONCURRENCY, Figures
@@ -48,6 +48,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ttft-requests", type=int, default=300, help="per side (300)")
     parser.add_argument("--cold-starts", type=int, default=3, help="gateway starts (3)")
     parser.add_argument("--direct-only", action="store_true", help="skip the gateway")
+    parser.add_argument(
+        "--same-prompt",
+        action="store_true",
+        help="send one identical body (a response cache would answer from memory)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -71,17 +76,6 @@ def find_tools() -> tuple[str, str] | None:
     return None
 
 
-def request_body(model: str, *, stream: bool) -> str:
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Say hello"}],
-        "max_tokens": 16,
-    }
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":"))
-
-
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -95,29 +89,25 @@ class Run:
         self.direct = f"http://127.0.0.1:{nginx_port}"
         self.fig: Figures = {}
 
-    def targets(self, kind: str, gateway: Gateway | None) -> list[tuple[str, str, str]]:
-        """(side, url, body) for one kind of request."""
+    def sides(self, kind: str, gateway: Gateway | None) -> list[tuple[str, str, ChatBody]]:
+        """(side, url, body) for one kind of request: direct to nginx, then via the gateway."""
         stream = kind == "stream"
-        prefix = "/stream" if stream else ""
-        sides = [
-            (
-                "direct",
-                f"{self.direct}{prefix}/v1/chat/completions",
-                request_body("gpt-4o-mini", stream=stream),
-            )
-        ]
+        unique = not self.args.same_prompt
+        path = "/stream/v1/chat/completions" if stream else "/v1/chat/completions"
+        sides = [("direct", self.direct + path, ChatBody("gpt-4o-mini", stream, unique))]
         if gateway is not None:
-            body = request_body(f"bench-{kind}", stream=stream)
+            body = ChatBody(f"bench-{kind}", stream, unique)
             sides.append(("gateway", f"{gateway.url}/v1/chat/completions", body))
         return sides
 
     def load(self, gateway: Gateway | None) -> None:
         for kind, _ in report.KINDS:
-            for side, url, body in self.targets(kind, gateway):
+            for side, url, body in self.sides(kind, gateway):
+                progress(f"  {kind:<6} {side:<8} answers OK ({check.verify(url, body)})")
                 if side == "gateway":  # pools, caches and lazy imports, off the record
                     wrk.run(self.wrk_bin, url, body, connections=16, seconds=WARMUP_S)
             for c in CONCURRENCY:
-                for side, url, body in self.targets(kind, gateway):
+                for side, url, body in self.sides(kind, gateway):
                     res = wrk.run(self.wrk_bin, url, body, connections=c, seconds=self.args.seconds)
                     for name, value in res.figures().items():
                         self.fig[f"{kind}.c{c}.{side}.{name}"] = value
@@ -128,7 +118,7 @@ class Run:
                     )
 
     def time_to_first_token(self, gateway: Gateway | None) -> None:
-        for side, url, body in self.targets("stream", gateway):
+        for side, url, body in self.sides("stream", gateway):
             res = ttft.measure(url, body, requests=self.args.ttft_requests)
             self.fig[f"ttft.{side}.median_ms"] = res.median_ms
             self.fig[f"ttft.{side}.p99_ms"] = res.p99_ms

@@ -200,6 +200,9 @@ async def gateway(
             "cut": openai_route(openai_upstream.url, "cut-3"),
             "malformed": openai_route(openai_upstream.url, "malformed"),
             "drip": openai_route(openai_upstream.url, "drip-20"),
+            "nokey": {"deployments": [{"name": "nokey", "provider": "openai_compatible",
+                                       "model": "gpt-fake", "api_base": openai_upstream.url
+                                       + "/v1"}]},
             "demo": {"deployments": [{"name": "mock-a", "provider": "mock", "model": "mock-a",
                                       "mock": {"latency_ms": 5, "jitter_ms": 1, "seed": 7}}]},
         }

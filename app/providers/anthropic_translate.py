@@ -1,6 +1,7 @@
 """Pure translation between OpenAI chat shapes and Anthropic's Messages API.
 
-Kept apart from the transport so every mapping is unit-tested without a network.
+Kept apart from the transport so every mapping is unit-tested without a network (the
+stream's event-by-event translation, which carries state, lives with the transport).
 Requests are built from the validated `ChatCompletionRequest` (not the raw body): the
 Messages API has its own field names, so nothing can be passed through blindly.
 """
@@ -11,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidRequestError, UpstreamError, sanitise
-from app.providers.base import JSON, chunk, completion, usage
+from app.errors import InvalidRequestError, UpstreamError
+from app.providers.base import JSON, completion, usage
 from app.schemas.chat import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -277,7 +278,8 @@ def finish_reason(stop_reason: Any) -> str | None:
     return _FINISH.get(str(stop_reason), "stop")
 
 
-def _int(value: Any) -> int:
+def int_or_zero(value: Any) -> int:
+    """A token count from an answer that may omit it (or, in a broken answer, mangle it)."""
     return value if isinstance(value, int) else 0
 
 
@@ -286,9 +288,9 @@ def prompt_tokens_of(raw: Any) -> int:
     if not isinstance(raw, dict):
         return 0
     return (
-        _int(raw.get("input_tokens"))
-        + _int(raw.get("cache_read_input_tokens"))
-        + _int(raw.get("cache_creation_input_tokens"))
+        int_or_zero(raw.get("input_tokens"))
+        + int_or_zero(raw.get("cache_read_input_tokens"))
+        + int_or_zero(raw.get("cache_creation_input_tokens"))
     )
 
 
@@ -331,111 +333,15 @@ def from_anthropic(message: JSON, model: str) -> JSON:
     if calls:
         out["tool_calls"] = calls
     raw_usage = message.get("usage")
-    cached = _int(raw_usage.get("cache_read_input_tokens")) if isinstance(raw_usage, dict) else 0
-    completion_tokens = _int(raw_usage.get("output_tokens")) if isinstance(raw_usage, dict) else 0
+    cached = (
+        int_or_zero(raw_usage.get("cache_read_input_tokens")) if isinstance(raw_usage, dict) else 0
+    )
+    completion_tokens = (
+        int_or_zero(raw_usage.get("output_tokens")) if isinstance(raw_usage, dict) else 0
+    )
     return completion(
         model=str(message.get("model") or model),
         message=out,
         finish_reason=finish_reason(message.get("stop_reason")) or "stop",
         usage=usage_of(prompt_tokens_of(raw_usage), completion_tokens, cached),
     )
-
-
-# -------------------------------------------------------------- stream translation
-
-
-class StreamTranslator:
-    """Turns Anthropic stream events into `chat.completion.chunk` objects, one event at a time.
-
-    Tool-call indexes count tool_use blocks only: OpenAI clients index `tool_calls`
-    from 0, while Anthropic's block index also counts the text blocks before them.
-    """
-
-    def __init__(self, model: str, secret: str) -> None:
-        self.model = model
-        self.finished = False
-        self._secret = secret
-        self._tool_index: dict[int, int] = {}
-        self._prompt = 0
-        self._cached = 0
-        self._completion = 0
-
-    def feed(self, event: JSON) -> list[JSON]:
-        kind = event.get("type")
-        if kind == "message_start":
-            return self._start(event.get("message"))
-        if kind == "content_block_start":
-            return self._block_start(event)
-        if kind == "content_block_delta":
-            return self._delta(event)
-        if kind == "message_delta":
-            self._count(event.get("usage"))
-            delta = event.get("delta")
-            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
-            return [self._chunk({}, finish_reason(stop) or "stop")]
-        if kind == "message_stop":
-            self.finished = True
-            return [
-                chunk(
-                    model=self.model, usage=usage_of(self._prompt, self._completion, self._cached)
-                )
-            ]
-        if kind == "error":
-            message, code, _ = anthropic_error_reader(event)
-            detail = sanitise(message or code or "unknown", self._secret)
-            raise UpstreamError(f"upstream stream error: {detail}")
-        # ping, content_block_stop, and event types Anthropic may add later carry nothing
-        # a chat client needs.
-        return []
-
-    def _chunk(self, delta: JSON, finish: str | None = None) -> JSON:
-        return chunk(model=self.model, delta=delta, finish_reason=finish)
-
-    def _count(self, raw: Any) -> None:
-        if not isinstance(raw, dict):
-            return
-        # Counts are cumulative; message_delta may repeat the input counts, or omit them.
-        if "input_tokens" in raw:
-            self._prompt = prompt_tokens_of(raw)
-            self._cached = _int(raw.get("cache_read_input_tokens"))
-        if "output_tokens" in raw:
-            self._completion = _int(raw.get("output_tokens"))
-
-    def _start(self, message: Any) -> list[JSON]:
-        if isinstance(message, dict):
-            self.model = str(message.get("model") or self.model)
-            self._count(message.get("usage"))
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def _block_start(self, event: JSON) -> list[JSON]:
-        block = event.get("content_block")
-        if not isinstance(block, dict):
-            return []
-        if block.get("type") == "text" and block.get("text"):
-            return [self._chunk({"content": str(block["text"])})]
-        if block.get("type") != "tool_use":
-            return []
-        index = len(self._tool_index)
-        self._tool_index[_int(event.get("index"))] = index
-        call = {
-            "index": index,
-            "id": str(block.get("id", "")),
-            "type": "function",
-            "function": {"name": str(block.get("name", "")), "arguments": ""},
-        }
-        return [self._chunk({"tool_calls": [call]})]
-
-    def _delta(self, event: JSON) -> list[JSON]:
-        delta = event.get("delta")
-        if not isinstance(delta, dict):
-            return []
-        if delta.get("type") == "text_delta" and delta.get("text"):
-            return [self._chunk({"content": str(delta["text"])})]
-        if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-            index = self._tool_index.get(_int(event.get("index")))
-            if index is None:
-                raise UpstreamError("upstream sent tool input for an unknown content block")
-            call = {"index": index, "function": {"arguments": str(delta["partial_json"])}}
-            return [self._chunk({"tool_calls": [call]})]
-        # thinking_delta and signature_delta stay inside the gateway.
-        return []

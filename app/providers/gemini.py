@@ -1,30 +1,34 @@
 """Google's Gemini API (generateContent), behind the OpenAI shapes the gateway speaks.
 
-The translation lives in `gemini_translate` (pure functions, unit-tested); this module
-owns the transport: URLs, the key header, and the event-stream loop. The key travels
-only in `x-goog-api-key`: Google also accepts `?key=`, but a URL ends up in proxy logs,
-traces and error messages, so it is never used.
+Request and answer translation live in `gemini_translate` (pure functions); this module
+owns the transport (URLs, the key header, the event-stream loop and what it carries over
+between events), Google's error shape, and embeddings. The key travels only in
+`x-goog-api-key`: Google also accepts `?key=`, but URLs end up in proxy logs, traces and
+error messages, so that form is never used.
 """
 
 from __future__ import annotations
 
+import base64
+import math
+import struct
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 
 from app.errors import UpstreamError, sanitise
-from app.providers.base import JSON, ChatCall, EmbedCall
+from app.providers.base import JSON, ChatCall, EmbedCall, chunk
 from app.providers.gemini_translate import (
-    StreamTranslator,
-    google_error_reader,
-    model_path,
+    blocked,
+    finish_reason,
+    read_parts,
+    read_usage,
     to_completion,
-    to_embed_request,
-    to_embeddings,
     to_gemini_request,
+    tool_call,
 )
 from app.providers.http import parse_event, post_json, sse_data, stream_lines
 from app.routing.config import DeploymentConfig
@@ -35,12 +39,142 @@ GEMINI_BASE = "https://generativelanguage.googleapis.com"
 GEMINI_VERSION = "v1beta"
 
 
+def model_path(model: str) -> str:
+    """The resource name of a model: `models/x`, unless the deployment already gave one."""
+    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+
+
 def gemini_url(deployment: DeploymentConfig, method: str) -> str:
     root = (deployment.api_base or GEMINI_BASE).rstrip("/")
     # Operators often paste the versioned base from Google's docs; accept both forms.
     if not root.endswith(("/v1beta", "/v1")):
         root = f"{root}/{GEMINI_VERSION}"
     return f"{root}/{urllib.parse.quote(model_path(deployment.model), safe='/')}:{method}"
+
+
+# Google's canonical status names, as the codes OpenAI clients know where one fits.
+_CODE_FOR_STATUS = {
+    "RESOURCE_EXHAUSTED": "rate_limit_exceeded",
+    "UNAUTHENTICATED": "invalid_api_key",
+}
+
+
+def google_error_reader(body: Any) -> tuple[str | None, str | None, str | None]:
+    """(message, code, param) of Google's `{"error": {code, message, status, details}}`."""
+    if isinstance(body, list) and body:
+        body = body[0]  # the streaming endpoints wrap their error in a list
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, str):
+        return err or None, None, None
+    if not isinstance(err, dict):
+        return None, None, None
+    message = err.get("message") if isinstance(err.get("message"), str) else None
+    status = err.get("status") if isinstance(err.get("status"), str) else None
+    details = err.get("details")
+    # Google answers a wrong key with 400 INVALID_ARGUMENT; only the reason tells it apart.
+    if isinstance(details, list) and any(
+        isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID" for d in details
+    ):
+        return message or None, "invalid_api_key", None
+    code = _CODE_FOR_STATUS.get(status, status.lower()) if status else None
+    return message or None, code, None
+
+
+class StreamTranslator:
+    """Turns streamed `GenerateContentResponse` events into `chat.completion.chunk`s.
+
+    Holds what spans events: which candidates have started and finished, how many
+    function calls each has made (OpenAI's tool-call `index`), and the latest usage.
+    """
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._started: set[int] = set()
+        self._finished: set[int] = set()
+        self._calls: dict[int, int] = {}
+        self._usage: JSON | None = None
+        self._blocked = False
+
+    @property
+    def finished(self) -> bool:
+        return self._blocked or (bool(self._started) and self._started <= self._finished)
+
+    def feed(self, event: JSON) -> list[JSON]:
+        self._usage = read_usage(event.get("usageMetadata")) or self._usage
+        candidates = [c for c in event.get("candidates") or [] if isinstance(c, dict)]
+        if not candidates and blocked(event):
+            self._blocked = True
+            return [*self._start(0), self._chunk(0, {}, "content_filter")]
+        out: list[JSON] = []
+        for position, candidate in enumerate(candidates):
+            # proto3 JSON leaves out a zero `index`.
+            out.extend(self._candidate(int(candidate.get("index", position)), candidate))
+        return out
+
+    def usage_chunk(self) -> JSON | None:
+        return None if self._usage is None else chunk(model=self.model, usage=self._usage)
+
+    def _candidate(self, index: int, candidate: JSON) -> list[JSON]:
+        out = self._start(index)
+        text, calls = read_parts(candidate)
+        if text:
+            out.append(self._chunk(index, {"content": text}))
+        for call in calls:
+            n = self._calls.get(index, 0)
+            self._calls[index] = n + 1
+            # Gemini sends each call whole, so one delta carries name and all arguments.
+            out.append(self._chunk(index, {"tool_calls": [{"index": n, **tool_call(n, call)}]}))
+        raw = candidate.get("finishReason")
+        if isinstance(raw, str) and raw:
+            self._finished.add(index)
+            has_calls = self._calls.get(index, 0) > 0
+            out.append(self._chunk(index, {}, finish_reason(raw, has_calls)))
+        return out
+
+    def _start(self, index: int) -> list[JSON]:
+        if index in self._started:
+            return []
+        self._started.add(index)
+        return [self._chunk(index, {"role": "assistant", "content": ""})]
+
+    def _chunk(self, index: int, delta: JSON, finish: str | None = None) -> JSON:
+        out = chunk(model=self.model, delta=delta, finish_reason=finish)
+        out["choices"][0]["index"] = index
+        return out
+
+
+def to_embed_request(model: str, texts: list[str], dimensions: int | None) -> JSON:
+    requests: list[JSON] = []
+    for text in texts:
+        item: JSON = {"model": model_path(model), "content": {"parts": [{"text": text}]}}
+        if dimensions is not None:
+            item["outputDimensionality"] = dimensions
+        requests.append(item)
+    return {"requests": requests}
+
+
+def to_embeddings(resp: JSON, model: str, texts: list[str], encoding: str | None) -> JSON:
+    """OpenAI's embeddings `list`; Gemini reports no token count, so it is estimated."""
+    embeddings = resp.get("embeddings")
+    if not isinstance(embeddings, list) or len(embeddings) != len(texts):
+        raise UpstreamError("upstream answered with the wrong number of embeddings")
+    data: list[JSON] = []
+    for index, item in enumerate(embeddings):
+        values = item.get("values") if isinstance(item, dict) else None
+        if not isinstance(values, list):
+            raise UpstreamError("upstream answered an embedding without values")
+        vector: Any = values
+        if encoding == "base64":
+            # What OpenAI sends (and its SDK asks for by default): little-endian float32.
+            vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = math.ceil(sum(len(t) for t in texts) / 4)
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 class GeminiProvider:

@@ -1,24 +1,22 @@
-"""Pure translation between OpenAI's chat shapes and Google's Gemini API.
+"""Pure translation of chat requests and answers between OpenAI's shapes and Gemini's.
 
 Gemini speaks `contents` of `parts` with the roles `user` and `model`, keeps the system
 prompt apart (`systemInstruction`), names function results by function name rather than
-by call id, and accepts only an OpenAPI subset of JSON Schema. Nothing here does I/O, so
-all of it is tested without a network; `app.providers.gemini` does the HTTP.
+by call id, and accepts only an OpenAPI subset of JSON Schema. Nothing here does I/O;
+`app.providers.gemini` owns the HTTP, the stream loop, errors and embeddings.
 """
 
 from __future__ import annotations
 
 import base64
-import math
 import secrets
-import struct
 import urllib.parse
 from typing import Any
 
 import orjson
 
 from app.errors import InvalidRequestError, UpstreamError
-from app.providers.base import JSON, chunk, completion, usage
+from app.providers.base import JSON, completion, usage
 from app.schemas.chat import (
     AssistantMessage,
     AudioPart,
@@ -141,17 +139,11 @@ def _parts(content: Content | None, param: str) -> list[JSON]:
 
 
 _MIME_BY_EXTENSION = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-    ".heic": "image/heic",
-    ".heif": "image/heif",
+    **dict.fromkeys((".jpg", ".jpeg"), "image/jpeg"),
+    **{f".{ext}": f"image/{ext}" for ext in ("png", "gif", "webp", "heic", "heif")},
     ".pdf": "application/pdf",
     ".mp3": "audio/mp3",
     ".wav": "audio/wav",
-    ".mp4": "video/mp4",
 }
 
 
@@ -208,15 +200,15 @@ def _function_response(name: str, content: Content | None) -> JSON:
 _REJECTED_SCHEMA_KEYS = frozenset(
     {
         "additionalProperties",
+        "unevaluatedProperties",
+        "patternProperties",
+        "dependentRequired",
+        "dependentSchemas",
         "$schema",
         "$id",
         "$comment",
         "strict",
         "examples",
-        "unevaluatedProperties",
-        "patternProperties",
-        "dependentRequired",
-        "dependentSchemas",
     }
 )
 _SUBSCHEMA_KEYS = frozenset({"items", "anyOf", "oneOf", "allOf", "not", "prefixItems"})
@@ -303,14 +295,7 @@ def _generation_config(request: ChatCompletionRequest) -> JSON:
 # ---------------------------------------------------------------- response
 
 _FILTERED = frozenset(
-    {
-        "SAFETY",
-        "RECITATION",
-        "BLOCKLIST",
-        "PROHIBITED_CONTENT",
-        "SPII",
-        "IMAGE_SAFETY",
-    }
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 )
 
 
@@ -365,7 +350,8 @@ def read_usage(meta: Any) -> JSON | None:
     return out
 
 
-def _blocked(resp: JSON) -> bool:
+def blocked(resp: JSON) -> bool:
+    """Whether Gemini refused the prompt itself (it then sends no candidates)."""
     feedback = resp.get("promptFeedback")
     return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
 
@@ -384,7 +370,7 @@ def to_completion(resp: JSON, model: str) -> JSON:
     candidates = [c for c in resp.get("candidates") or [] if isinstance(c, dict)]
     version = resp.get("modelVersion") or model
     if not candidates:
-        if not _blocked(resp):
+        if not blocked(resp):
             raise UpstreamError("upstream answered without candidates")
         return completion(
             model=version,
@@ -410,134 +396,3 @@ def to_completion(resp: JSON, model: str) -> JSON:
             }
         )
     return out
-
-
-class StreamTranslator:
-    """Turns streamed `GenerateContentResponse` events into `chat.completion.chunk`s.
-
-    Holds what spans events: which candidates have started and finished, how many
-    function calls each has made (OpenAI's tool-call `index`), and the latest usage.
-    """
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self._started: set[int] = set()
-        self._finished: set[int] = set()
-        self._calls: dict[int, int] = {}
-        self._usage: JSON | None = None
-        self._blocked = False
-
-    @property
-    def finished(self) -> bool:
-        return self._blocked or bool(self._started) and self._started <= self._finished
-
-    def feed(self, event: JSON) -> list[JSON]:
-        self._usage = read_usage(event.get("usageMetadata")) or self._usage
-        candidates = [c for c in event.get("candidates") or [] if isinstance(c, dict)]
-        if not candidates and _blocked(event):
-            self._blocked = True
-            return [*self._start(0), self._chunk(0, {}, "content_filter")]
-        out: list[JSON] = []
-        for position, candidate in enumerate(candidates):
-            out.extend(self._candidate(int(candidate.get("index", position)), candidate))
-        return out
-
-    def usage_chunk(self) -> JSON | None:
-        return None if self._usage is None else chunk(model=self.model, usage=self._usage)
-
-    def _candidate(self, index: int, candidate: JSON) -> list[JSON]:
-        out = self._start(index)
-        text, calls = read_parts(candidate)
-        if text:
-            out.append(self._chunk(index, {"content": text}))
-        for call in calls:
-            n = self._calls.get(index, 0)
-            self._calls[index] = n + 1
-            out.append(self._chunk(index, {"tool_calls": [{"index": n, **tool_call(n, call)}]}))
-        raw = candidate.get("finishReason")
-        if isinstance(raw, str) and raw:
-            self._finished.add(index)
-            has_calls = self._calls.get(index, 0) > 0
-            out.append(self._chunk(index, {}, finish_reason(raw, has_calls)))
-        return out
-
-    def _start(self, index: int) -> list[JSON]:
-        if index in self._started:
-            return []
-        self._started.add(index)
-        return [self._chunk(index, {"role": "assistant", "content": ""})]
-
-    def _chunk(self, index: int, delta: JSON, finish: str | None = None) -> JSON:
-        out = chunk(model=self.model, delta=delta, finish_reason=finish)
-        out["choices"][0]["index"] = index
-        return out
-
-
-# ---------------------------------------------------------------- errors
-
-# Google's canonical status names, as the codes OpenAI clients already know where one fits.
-_CODE_FOR_STATUS = {
-    "RESOURCE_EXHAUSTED": "rate_limit_exceeded",
-    "UNAUTHENTICATED": "invalid_api_key",
-}
-
-
-def google_error_reader(body: Any) -> tuple[str | None, str | None, str | None]:
-    """(message, code, param) of Google's `{"error": {code, message, status, details}}`."""
-    if isinstance(body, list) and body:
-        body = body[0]  # streaming endpoints wrap the error in a list
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, str):
-        return err or None, None, None
-    if not isinstance(err, dict):
-        return None, None, None
-    message = err.get("message") if isinstance(err.get("message"), str) else None
-    status = err.get("status") if isinstance(err.get("status"), str) else None
-    details = err.get("details") if isinstance(err.get("details"), list) else []
-    # Google answers a wrong key with 400 INVALID_ARGUMENT; the reason tells it apart.
-    if any(isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID" for d in details):
-        return message or None, "invalid_api_key", None
-    code = _CODE_FOR_STATUS.get(status, status.lower()) if status else None
-    return message or None, code, None
-
-
-# ---------------------------------------------------------------- embeddings
-
-
-def model_path(model: str) -> str:
-    """The resource name of a model: `models/x`, unless the deployment already gave one."""
-    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
-
-
-def to_embed_request(model: str, texts: list[str], dimensions: int | None) -> JSON:
-    requests: list[JSON] = []
-    for text in texts:
-        item: JSON = {"model": model_path(model), "content": {"parts": [{"text": text}]}}
-        if dimensions is not None:
-            item["outputDimensionality"] = dimensions
-        requests.append(item)
-    return {"requests": requests}
-
-
-def to_embeddings(resp: JSON, model: str, texts: list[str], encoding: str | None) -> JSON:
-    """OpenAI's embeddings `list`; Gemini reports no token count, so it is estimated."""
-    embeddings = resp.get("embeddings")
-    if not isinstance(embeddings, list) or len(embeddings) != len(texts):
-        raise UpstreamError("upstream answered with the wrong number of embeddings")
-    data: list[JSON] = []
-    for index, item in enumerate(embeddings):
-        values = item.get("values") if isinstance(item, dict) else None
-        if not isinstance(values, list):
-            raise UpstreamError("upstream answered an embedding without values")
-        vector: Any = values
-        if encoding == "base64":
-            # What OpenAI sends (and its SDK asks for by default): little-endian float32.
-            vector = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
-        data.append({"object": "embedding", "index": index, "embedding": vector})
-    tokens = math.ceil(sum(len(t) for t in texts) / 4)
-    return {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }

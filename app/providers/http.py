@@ -103,7 +103,10 @@ def transport_error(exc: BaseException, secret: str) -> GatewayError:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeoutError("upstream did not answer in time")
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamError("upstream connection closed before the answer was complete")
+        return UpstreamError(
+            "upstream connection closed before the answer was complete",
+            code="stream_interrupted",
+        )
     return UpstreamError(sanitise(f"cannot reach upstream: {type(exc).__name__}", secret))
 
 

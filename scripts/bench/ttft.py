@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from bench.body import ChatBody
+
 HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
 
 
@@ -58,15 +60,15 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-async def _probe(url: str, body: bytes, requests: int, warmup: int) -> TtftResult:
+async def _probe(url: str, body: ChatBody, requests: int, warmup: int) -> TtftResult:
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(warmup):
-            await _one(session, url, body)
-        samples = [await _one(session, url, body) for _ in range(requests)]
+        for n in range(warmup):
+            await _one(session, url, body.numbered(-1 - n).encode())
+        samples = [await _one(session, url, body.numbered(n).encode()) for n in range(requests)]
     return TtftResult(len(samples), statistics.median(samples), percentile(samples, 99))
 
 
-def measure(url: str, body: str, *, requests: int = 300, warmup: int = 20) -> TtftResult:
+def measure(url: str, body: ChatBody, *, requests: int = 300, warmup: int = 20) -> TtftResult:
     """Run the probe on a fresh event loop (the bench itself is synchronous)."""
-    return asyncio.run(_probe(url, body.encode(), requests, warmup))
+    return asyncio.run(_probe(url, body, requests, warmup))

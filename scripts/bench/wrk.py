@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.body import ChatBody
+
 LUA = Path(__file__).with_name("post.lua")
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
@@ -58,7 +60,7 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(wrk: str, url: str, body: str, *, connections: int, seconds: float) -> WrkResult:
+def run(wrk: str, url: str, body: ChatBody, *, connections: int, seconds: float) -> WrkResult:
     """POST `body` to `url` from `connections` keep-alive connections for `seconds`."""
     threads = 1 if connections < 16 else 2
     argv = [
@@ -73,7 +75,9 @@ def run(wrk: str, url: str, body: str, *, connections: int, seconds: float) -> W
         str(LUA),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY": body}
+    env = {**os.environ, "BENCH_BODY": body.static}
+    if (parts := body.parts()) is not None:
+        env.update(BENCH_BODY_PREFIX=parts[0], BENCH_BODY_SUFFIX=parts[1])
     done = subprocess.run(
         argv, env=env, capture_output=True, text=True, timeout=seconds + 30, check=False
     )

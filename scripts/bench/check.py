@@ -1,0 +1,56 @@
+"""One request per side before the load: wrk only counts status codes, so make sure a
+200 really carries the fake upstream's answer (JSON message, or SSE chunks + `[DONE]`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+from bench.body import ChatBody
+from bench.upstream import ANSWER
+
+EXPECTED = "".join(ANSWER)
+
+
+def _post(url: str, body: str) -> tuple[int, dict[str, str], str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+        conn.request("POST", parts.path, body=body.encode(), headers=headers)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, text
+    finally:
+        conn.close()
+
+
+def _stream_content(text: str) -> str:
+    events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+    if not events or events[-1] != "[DONE]":
+        raise ValueError("the stream does not end with `data: [DONE]`")
+    pieces = []
+    for event in events[:-1]:
+        for choice in json.loads(event).get("choices") or []:
+            pieces.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(pieces)
+
+
+def verify(url: str, body: ChatBody) -> str:
+    """Raise RuntimeError unless `url` answers like OpenAI; a one-line description."""
+    status, headers, text = _post(url, body.numbered(0))
+    try:
+        if status != 200:
+            raise ValueError(f"status {status}")
+        if body.stream:
+            content = _stream_content(text)
+        else:
+            content = json.loads(text)["choices"][0]["message"]["content"]
+        if content != EXPECTED:
+            raise ValueError(f"content {content!r}, expected {EXPECTED!r}")
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise RuntimeError(f"{url} ({body.model}) answered wrongly: {exc}\n{text[:2000]}") from exc
+    facts = [f"{k}={v}" for k, v in sorted(headers.items()) if k.startswith("x-flywheel-")]
+    return f"{headers.get('content-type', '?')}" + (f"; {', '.join(facts)}" if facts else "")
