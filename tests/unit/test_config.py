@@ -1,0 +1,118 @@
+"""Settings and the routes file: validation, defaults, and errors that name the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings, normalise_database_url
+from app.routing.config import RoutesFileError, default_routes, load_routes_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def test_every_setting_is_in_env_example() -> None:
+    listed = {
+        line.split("=", 1)[0].strip()
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
+    fields = {name.upper() for name in Settings.model_fields}
+    assert fields - listed == set()
+    assert listed - fields == set()
+
+
+def test_env_example_parses_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
+    assert s.flywheel_env == "dev"
+    assert s.redis_url is None
+    assert s.database_url is None
+
+
+@pytest.mark.parametrize("env", ["staging", "prod"])
+def test_master_key_required_outside_dev(env: str) -> None:
+    with pytest.raises(ValidationError, match="FLYWHEEL_MASTER_KEY"):
+        settings(flywheel_env=env)
+    assert settings(flywheel_env=env, flywheel_master_key="m" * 32).flywheel_env == env
+
+
+def test_policy_and_env_are_checked() -> None:
+    with pytest.raises(ValidationError):
+        settings(flywheel_policy="cheapest")
+    with pytest.raises(ValidationError):
+        settings(flywheel_env="production")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://u:p@h:5432/db", "postgresql+asyncpg://u:p@h:5432/db"),
+        ("postgresql://h/db", "postgresql+asyncpg://h/db"),
+        ("sqlite:///x.db", "sqlite+aiosqlite:///x.db"),
+        ("postgresql+asyncpg://h/db", "postgresql+asyncpg://h/db"),
+    ],
+)
+def test_database_url_normalised(url: str, expected: str) -> None:
+    assert normalise_database_url(url) == expected
+    assert settings(database_url=url).database_dsn == expected
+
+
+def test_default_database_is_sqlite_under_var(tmp_path: Path) -> None:
+    assert settings(flywheel_var_dir=tmp_path).database_dsn == (
+        f"sqlite+aiosqlite:///{tmp_path}/flywheel.db"
+    )
+
+
+def test_secrets_are_masked_in_repr() -> None:
+    s = settings(openai_api_key="sk-very-secret-value", flywheel_master_key="master-secret")
+    assert "sk-very-secret-value" not in repr(s)
+    assert "master-secret" not in str(s.model_dump())
+
+
+def test_default_routes_demo_and_keyed_examples() -> None:
+    assert set(default_routes(settings()).routes) == {"demo"}
+    keyed = default_routes(settings(openai_api_key="sk-x", anthropic_api_key="a"))
+    assert {"demo", "gpt-4o-mini", "claude-haiku"} <= set(keyed.routes)
+
+
+def test_example_routes_file_is_valid() -> None:
+    routes = load_routes_file(ROOT / "flywheel.example.yaml")
+    assert "demo" in routes.routes
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("routes: [1, 2", "not valid YAML"),
+        ("routes: {}", "routes"),
+        ("routes:\n  r:\n    deployments: []\n", "routes.r.deployments"),
+        ("routes:\n  r:\n    strategy: fastest\n    deployments:\n"
+         "      - {name: a, provider: mock, model: m}\n", "routes.r.strategy"),
+        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: nope, model: m}\n",
+         "routes.r.deployments.0.provider"),
+        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: mock, model: m, wieght: 2}\n",
+         "routes.r.deployments.0.wieght"),
+        ("routes:\n  r:\n    fallbacks: [ghost]\n    deployments:\n"
+         "      - {name: a, provider: mock, model: m}\n", "ghost"),
+        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: mock, model: m}\n"
+         "      - {name: a, provider: mock, model: n}\n", "unique"),
+    ],
+)
+def test_bad_routes_file_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(RoutesFileError) as info:
+        load_routes_file(path)
+    assert str(path) in str(info.value)
+    assert needle in str(info.value)
+
+
+def test_missing_routes_file(tmp_path: Path) -> None:
+    with pytest.raises(RoutesFileError, match="cannot read"):
+        load_routes_file(tmp_path / "absent.yaml")
