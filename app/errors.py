@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+
 class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
@@ -204,7 +205,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     elif exc.status_code == 405:
         err = InvalidRequestError(
             f"method {request.method} not allowed on {request.url.path}",
-            code="method_not_allowed", status=405,
+            code="method_not_allowed",
+            status=405,
         )
     else:
         err = GatewayError(str(exc.detail), status=exc.status_code)

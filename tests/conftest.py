@@ -86,8 +86,10 @@ def _postgres_database() -> tuple[str, Callable[[], None]] | None:
         asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     except (OSError, asyncpg.PostgresError):
         return None
-    return (f"postgresql://127.0.0.1:5432/{name}",
-            lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+    return (
+        f"postgresql://127.0.0.1:5432/{name}",
+        lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -142,11 +144,18 @@ def routes_for(**routes: dict[str, Any]) -> RoutesFile:
 def openai_route(base: str, model: str = "gpt-fake", **extra: Any) -> dict[str, Any]:
     return {
         "strategy": "priority",
-        "deployments": [{
-            "name": f"fake-{model}", "provider": "openai_compatible", "model": model,
-            "api_base": f"{base}/v1", "api_key_env": "OPENAI_API_KEY",
-            "input_cost_per_1k": 0.001, "output_cost_per_1k": 0.002, **extra,
-        }],
+        "deployments": [
+            {
+                "name": f"fake-{model}",
+                "provider": "openai_compatible",
+                "model": model,
+                "api_base": f"{base}/v1",
+                "api_key_env": "OPENAI_API_KEY",
+                "input_cost_per_1k": 0.001,
+                "output_cost_per_1k": 0.002,
+                **extra,
+            }
+        ],
     }
 
 
@@ -155,10 +164,16 @@ class Served:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-            lifespan="on",
-        ))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=0,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
+        )
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -200,11 +215,26 @@ async def gateway(
             "cut": openai_route(openai_upstream.url, "cut-3"),
             "malformed": openai_route(openai_upstream.url, "malformed"),
             "drip": openai_route(openai_upstream.url, "drip-20"),
-            "nokey": {"deployments": [{"name": "nokey", "provider": "openai_compatible",
-                                       "model": "gpt-fake", "api_base": openai_upstream.url
-                                       + "/v1"}]},
-            "demo": {"deployments": [{"name": "mock-a", "provider": "mock", "model": "mock-a",
-                                      "mock": {"latency_ms": 5, "jitter_ms": 1, "seed": 7}}]},
+            "nokey": {
+                "deployments": [
+                    {
+                        "name": "nokey",
+                        "provider": "openai_compatible",
+                        "model": "gpt-fake",
+                        "api_base": openai_upstream.url + "/v1",
+                    }
+                ]
+            },
+            "demo": {
+                "deployments": [
+                    {
+                        "name": "mock-a",
+                        "provider": "mock",
+                        "model": "mock-a",
+                        "mock": {"latency_ms": 5, "jitter_ms": 1, "seed": 7},
+                    }
+                ]
+            },
         }
     )
     async with Served(create_app(settings, routes)) as served:

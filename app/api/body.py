@@ -31,8 +31,9 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
-        raise InvalidRequestError("the request body is empty; send a JSON object",
-                                  code="invalid_json")
+        raise InvalidRequestError(
+            "the request body is empty; send a JSON object", code="invalid_json"
+        )
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -37,8 +38,12 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
         exchange.stream = bool(chat.stream)
         exchange.target = target = state.router.pick(chat.model)
         call = ChatCall(
-            request=chat, body=body, deployment=target.deployment, api_key=target.api_key,
-            timeout_s=target.timeout_s, request_id=exchange.request_id,
+            request=chat,
+            body=body,
+            deployment=target.deployment,
+            api_key=target.api_key,
+            timeout_s=target.timeout_s,
+            request_id=exchange.request_id,
         )
         provider = state.providers.get(target.deployment.provider)
         exchange.attempts = 1
@@ -53,14 +58,20 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
         raise
     result["id"] = exchange.request_id
     choices = result.get("choices") or [{}]
-    exchange.record(state.recorder, status=200, usage=result.get("usage"),
-                    finish_reason=choices[0].get("finish_reason"))
-    return Response(orjson.dumps(result), media_type="application/json",
-                    headers=exchange.headers())
+    exchange.record(
+        state.recorder,
+        status=200,
+        usage=result.get("usage"),
+        finish_reason=choices[0].get("finish_reason"),
+    )
+    return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
 
 
 async def _stream(
-    call: ChatCall, chat: ChatCompletionRequest, exchange: Exchange, recorder: Recorder,
+    call: ChatCall,
+    chat: ChatCompletionRequest,
+    exchange: Exchange,
+    recorder: Recorder,
     provider: Provider,
 ) -> Response:
     sent = time.perf_counter()

@@ -34,12 +34,17 @@ async def embeddings(request: Request, state: StateDep) -> Response:
         body = await read_json_object(request, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
         if not req.texts or any(t == "" for t in req.texts):
-            raise InvalidRequestError("input must not be empty", param="input",
-                                      code="invalid_value")
+            raise InvalidRequestError(
+                "input must not be empty", param="input", code="invalid_value"
+            )
         exchange.target = target = state.router.pick(req.model)
         call = EmbedCall(
-            request=req, body=body, deployment=target.deployment, api_key=target.api_key,
-            timeout_s=target.timeout_s, request_id=exchange.request_id,
+            request=req,
+            body=body,
+            deployment=target.deployment,
+            api_key=target.api_key,
+            timeout_s=target.timeout_s,
+            request_id=exchange.request_id,
         )
         exchange.attempts = 1
         sent = time.perf_counter()
@@ -50,5 +55,4 @@ async def embeddings(request: Request, state: StateDep) -> Response:
         e.headers.update(exchange.headers())
         raise
     exchange.record(state.recorder, status=200, usage=result.get("usage"))
-    return Response(orjson.dumps(result), media_type="application/json",
-                    headers=exchange.headers())
+    return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())

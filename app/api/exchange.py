@@ -53,24 +53,26 @@ class Exchange:
         cost = 0.0
         if d is not None:
             cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
-        recorder.record(RequestRecord(
-            request_id=self.request_id,
-            endpoint=self.endpoint,
-            route=self.target.route if self.target else None,
-            deployment=d.name if d else None,
-            provider=d.provider if d else None,
-            model=d.model if d else None,
-            status=status,
-            stream=self.stream,
-            started_at=self.started_wall,
-            latency_ms=(time.perf_counter() - self.started) * 1000,
-            ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost=cost,
-            finish_reason=finish_reason,
-            error_code=error_code,
-            client_disconnected=disconnected,
-            usage_estimated=usage_estimated,
-            attempts=self.attempts,
-        ))
+        recorder.record(
+            RequestRecord(
+                request_id=self.request_id,
+                endpoint=self.endpoint,
+                route=self.target.route if self.target else None,
+                deployment=d.name if d else None,
+                provider=d.provider if d else None,
+                model=d.model if d else None,
+                status=status,
+                stream=self.stream,
+                started_at=self.started_wall,
+                latency_ms=(time.perf_counter() - self.started) * 1000,
+                ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cost=cost,
+                finish_reason=finish_reason,
+                error_code=error_code,
+                client_disconnected=disconnected,
+                usage_estimated=usage_estimated,
+                attempts=self.attempts,
+            )
+        )

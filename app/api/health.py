@@ -52,8 +52,11 @@ async def _database(state: AppState) -> dict[str, Any]:
     except (SQLAlchemyError, OSError, TimeoutError) as e:
         return {"status": "down", "error": type(e).__name__}
     status = "ok" if revision == SCHEMA_REVISION else "schema_mismatch"
-    return {"status": status, "revision": revision,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    return {
+        "status": status,
+        "revision": revision,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
 
 
 def _deployments(state: AppState) -> list[dict[str, Any]]:
@@ -61,9 +64,16 @@ def _deployments(state: AppState) -> list[dict[str, Any]]:
     for name, route in state.routes.routes.items():
         for d in route.deployments:
             reason = state.router.disabled.get(f"{name}/{d.name}")
-            out.append({"route": name, "deployment": d.name, "provider": d.provider,
-                        "enabled": reason is None, "disabled_reason": reason,
-                        "circuit": "closed"})
+            out.append(
+                {
+                    "route": name,
+                    "deployment": d.name,
+                    "provider": d.provider,
+                    "enabled": reason is None,
+                    "disabled_reason": reason,
+                    "circuit": "closed",
+                }
+            )
     return out
 
 
@@ -78,7 +88,10 @@ async def health_detailed(state: StateDep) -> dict[str, Any]:
         "redis": redis,
         "database": database,
         "workers": {"status": "ok" if workers_ok else "missing", "instances": beats},
-        "recorder": {"pending": state.recorder.pending, "dropped": state.recorder.dropped,
-                     "shipped": state.recorder.shipped},
+        "recorder": {
+            "pending": state.recorder.pending,
+            "dropped": state.recorder.dropped,
+            "shipped": state.recorder.shipped,
+        },
         "deployments": _deployments(state),
     }

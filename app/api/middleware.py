@@ -50,6 +50,5 @@ class RequestIdMiddleware:
             if started:
                 raise
             log.exception("unhandled error on %s %s", scope.get("method"), scope["path"])
-            response = error_response(GatewayError("internal gateway error",
-                                                   code="internal_error"))
+            response = error_response(GatewayError("internal gateway error", code="internal_error"))
             await response(scope, receive, send_with_id)

@@ -98,9 +98,13 @@ async def sse_body(
             completion = estimate_tokens("x" * tally.chars)
             usage = {"prompt_tokens": prompt_tokens(request), "completion_tokens": completion}
         exchange.record(
-            recorder, status=status if complete or not disconnected else 499, usage=usage,
-            finish_reason=tally.finish, error_code=error_code,
-            disconnected=disconnected, usage_estimated=estimated,
+            recorder,
+            status=status if complete or not disconnected else 499,
+            usage=usage,
+            finish_reason=tally.finish,
+            error_code=error_code,
+            disconnected=disconnected,
+            usage_estimated=estimated,
         )
         if not complete:
             # Normally the upstream generator is already finished by the exception that

@@ -62,7 +62,8 @@ class Provider(Protocol):
 
 def unsupported_embeddings(provider: str) -> InvalidRequestError:
     return InvalidRequestError(
-        f"provider {provider!r} does not offer embeddings", param="model",
+        f"provider {provider!r} does not offer embeddings",
+        param="model",
         code="unsupported_model",
     )
 

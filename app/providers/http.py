@@ -132,7 +132,7 @@ async def post_json(
             raw = await resp.read()
     except GatewayError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise transport_error(e, secret) from e
     try:
         parsed = orjson.loads(raw)
@@ -167,7 +167,7 @@ async def stream_lines(
                 yield line
     except GatewayError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise transport_error(e, secret) from e
 
 

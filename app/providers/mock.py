@@ -50,7 +50,7 @@ def example_for(schema: Any, rng: random.Random, depth: int = 0) -> Any:
     """A small instance of a JSON schema: enough for structured-output demos."""
     if not isinstance(schema, dict) or depth > 6:
         return "value"
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][0]
     if "const" in schema:
         return schema["const"]
@@ -138,7 +138,7 @@ class MockProvider:
             good = orjson.dumps(value).decode()
         else:
             good = (
-                f"[{call.deployment.model}] A considered answer to \"{last[:120]}\": "
+                f'[{call.deployment.model}] A considered answer to "{last[:120]}": '
                 "the short version is yes, with the details depending on your context."
             )
         text, finish = good, "stop"
@@ -169,7 +169,9 @@ class MockProvider:
         await self._fail_or_wait(outcome, outcome.latency_s)
         message, finish = self._message(call, outcome)
         return completion(
-            model=call.deployment.model, message=message, finish_reason=finish,
+            model=call.deployment.model,
+            message=message,
+            finish_reason=finish,
             usage=self._usage(call, message),
         )
 
@@ -194,12 +196,16 @@ class MockProvider:
         if message.get("tool_calls"):
             out: list[JSON] = []
             for index, tc in enumerate(message["tool_calls"]):
-                head = {"index": index, "id": tc["id"], "type": "function",
-                        "function": {"name": tc["function"]["name"], "arguments": ""}}
+                head = {
+                    "index": index,
+                    "id": tc["id"],
+                    "type": "function",
+                    "function": {"name": tc["function"]["name"], "arguments": ""},
+                }
                 out.append({"tool_calls": [head]})
                 args = tc["function"]["arguments"]
                 out.extend(
-                    {"tool_calls": [{"index": index, "function": {"arguments": args[i:i + 16]}}]}
+                    {"tool_calls": [{"index": index, "function": {"arguments": args[i : i + 16]}}]}
                     for i in range(0, len(args), 16)
                 )
             return out

@@ -111,11 +111,25 @@ def load_routes_file(path: Path) -> RoutesFile:
 # flywheel.example.yaml documents the same routes for operators to copy and extend.
 _EXAMPLES: tuple[tuple[str, str, str, str, str | None, float, float], ...] = (
     ("gpt-4o-mini", "openai", "gpt-4o-mini", "OPENAI_API_KEY", None, 0.00015, 0.0006),
-    ("claude-haiku", "anthropic", "claude-3-5-haiku-latest", "ANTHROPIC_API_KEY", None,
-     0.0008, 0.004),
+    (
+        "claude-haiku",
+        "anthropic",
+        "claude-3-5-haiku-latest",
+        "ANTHROPIC_API_KEY",
+        None,
+        0.0008,
+        0.004,
+    ),
     ("gemini-flash", "gemini", "gemini-2.0-flash", "GEMINI_API_KEY", None, 0.0001, 0.0004),
-    ("groq-llama", "openai_compatible", "llama-3.3-70b-versatile", "GROQ_API_KEY",
-     "https://api.groq.com/openai/v1", 0.00059, 0.00079),
+    (
+        "groq-llama",
+        "openai_compatible",
+        "llama-3.3-70b-versatile",
+        "GROQ_API_KEY",
+        "https://api.groq.com/openai/v1",
+        0.00059,
+        0.00079,
+    ),
 )
 
 
@@ -124,12 +138,24 @@ def default_routes(settings: Settings) -> RoutesFile:
         "demo": {
             "strategy": "weighted",
             "deployments": [
-                {"name": "mock-fast", "provider": "mock", "model": "mock-fast", "weight": 3,
-                 "input_cost_per_1k": 0.0001, "output_cost_per_1k": 0.0002,
-                 "mock": {"latency_ms": 30, "jitter_ms": 10, "quality": 0.9, "seed": 1}},
-                {"name": "mock-smart", "provider": "mock", "model": "mock-smart", "weight": 1,
-                 "input_cost_per_1k": 0.001, "output_cost_per_1k": 0.002,
-                 "mock": {"latency_ms": 120, "jitter_ms": 30, "quality": 0.98, "seed": 2}},
+                {
+                    "name": "mock-fast",
+                    "provider": "mock",
+                    "model": "mock-fast",
+                    "weight": 3,
+                    "input_cost_per_1k": 0.0001,
+                    "output_cost_per_1k": 0.0002,
+                    "mock": {"latency_ms": 30, "jitter_ms": 10, "quality": 0.9, "seed": 1},
+                },
+                {
+                    "name": "mock-smart",
+                    "provider": "mock",
+                    "model": "mock-smart",
+                    "weight": 1,
+                    "input_cost_per_1k": 0.001,
+                    "output_cost_per_1k": 0.002,
+                    "mock": {"latency_ms": 120, "jitter_ms": 30, "quality": 0.98, "seed": 2},
+                },
             ],
         }
     }
@@ -137,8 +163,12 @@ def default_routes(settings: Settings) -> RoutesFile:
         if settings.provider_key(key_env) is None:
             continue
         deployment: dict[str, Any] = {
-            "name": route, "provider": provider, "model": model, "api_key_env": key_env,
-            "input_cost_per_1k": cost_in, "output_cost_per_1k": cost_out,
+            "name": route,
+            "provider": provider,
+            "model": model,
+            "api_key_env": key_env,
+            "input_cost_per_1k": cost_in,
+            "output_cost_per_1k": cost_out,
         }
         if api_base:
             deployment["api_base"] = api_base

@@ -36,7 +36,7 @@ class _Candidate:
 class Router:
     def __init__(self, routes: RoutesFile, settings: Settings, rng: random.Random | None = None):
         self._routes = routes.routes
-        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+        self._rng = rng or random.Random()
         self._default_timeout = settings.flywheel_upstream_timeout_s
         self._candidates: dict[str, list[_Candidate]] = {}
         self.disabled: dict[str, str] = {}

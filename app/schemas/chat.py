@@ -113,7 +113,11 @@ class FunctionMessage(_Open):
 
 
 Message = Annotated[
-    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+    SystemMessage
+    | DeveloperMessage
+    | UserMessage
+    | AssistantMessage
+    | ToolMessage
     | FunctionMessage,
     Field(discriminator="role"),
 ]

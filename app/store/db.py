@@ -25,7 +25,11 @@ def make_engine(dsn: str) -> AsyncEngine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return create_async_engine(dsn, connect_args={"timeout": 5})
     return create_async_engine(
-        dsn, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_timeout=5,
+        dsn,
+        pool_size=5,
+        max_overflow=5,
+        pool_pre_ping=True,
+        pool_timeout=5,
         connect_args={"timeout": 5, "command_timeout": 10},
     )
 

@@ -64,6 +64,7 @@ class Recorder:
         if self._queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self._queue.get_nowait()
+                self._queue.task_done()
             self.dropped += 1
         self._queue.put_nowait(rec)
 
@@ -86,8 +87,7 @@ class Recorder:
         self._task = None
 
     async def _drain(self) -> None:
-        while not self._queue.empty():
-            await asyncio.sleep(0.02)
+        await self._queue.join()
 
     async def _ship_forever(self) -> None:
         assert self._redis is not None
@@ -100,8 +100,10 @@ class Recorder:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for rec in batch:
                         pipe.xadd(
-                            self._stream, {"data": orjson.dumps(asdict(rec))},
-                            maxlen=STREAM_MAXLEN, approximate=True,
+                            self._stream,
+                            {"data": orjson.dumps(asdict(rec))},
+                            maxlen=STREAM_MAXLEN,
+                            approximate=True,
                         )
                     await pipe.execute()
                 self.shipped += len(batch)
@@ -112,3 +114,6 @@ class Recorder:
                     self.record(rec)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()

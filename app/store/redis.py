@@ -12,7 +12,7 @@ def make_redis(settings: Settings) -> Redis | None:
     if dsn is None:
         return None
     timeout = settings.flywheel_redis_timeout_s
-    return Redis.from_url(
+    client: Redis = Redis.from_url(
         dsn,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
@@ -20,6 +20,7 @@ def make_redis(settings: Settings) -> Redis | None:
         retry_on_timeout=False,
         max_connections=256,
     )
+    return client
 
 
 def key(settings: Settings, *parts: str) -> str:

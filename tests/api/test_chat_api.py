@@ -14,13 +14,24 @@ from tests.fakes.server import FakeServer
 ALL_ROLES: list[dict[str, Any]] = [
     {"role": "system", "content": "Be brief."},
     {"role": "developer", "content": "Answer in English."},
-    {"role": "user", "content": [
-        {"type": "text", "text": "What is in this image?"},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-    ]},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function",
-         "function": {"name": "lookup", "arguments": "{\"q\": \"cat\"}"}}]},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is in this image?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "lookup", "arguments": '{"q": "cat"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
     {"role": "user", "content": "And now?"},
 ]
@@ -33,8 +44,12 @@ def chat_body(model: str = "gpt-fake", **extra: Any) -> dict[str, Any]:
 async def post(gw: Served, body: Any, **kw: Any) -> httpx.Response:
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
         content = body if isinstance(body, bytes) else orjson.dumps(body)
-        return await client.post("/v1/chat/completions", content=content,
-                                 headers={"content-type": "application/json"}, **kw)
+        return await client.post(
+            "/v1/chat/completions",
+            content=content,
+            headers={"content-type": "application/json"},
+            **kw,
+        )
 
 
 def assert_openai_error(resp: httpx.Response, status: int, type_: str) -> dict[str, Any]:
@@ -50,9 +65,18 @@ def assert_openai_error(resp: httpx.Response, status: int, type_: str) -> dict[s
 async def test_completion_ids_headers_and_pass_through(
     gateway: Served, openai_upstream: FakeServer
 ) -> None:
-    body = chat_body(messages=ALL_ROLES, temperature=0.2, top_p=0.9, max_tokens=50, seed=3,
-                     stop=["END"], n=1, user="u-1", metadata={"team": "a"},
-                     some_future_param={"x": 1})
+    body = chat_body(
+        messages=ALL_ROLES,
+        temperature=0.2,
+        top_p=0.9,
+        max_tokens=50,
+        seed=3,
+        stop=["END"],
+        n=1,
+        user="u-1",
+        metadata={"team": "a"},
+        some_future_param={"x": 1},
+    )
     resp = await post(gateway, body)
     assert resp.status_code == 200, resp.text
     data = resp.json()
@@ -74,8 +98,10 @@ async def test_completion_ids_headers_and_pass_through(
 
 
 async def test_tools_and_json_schema(gateway: Served) -> None:
-    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
-             for n in ("a", "b")]
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("a", "b")
+    ]
     resp = await post(gateway, chat_body(tools=tools, tool_choice="auto"))
     message = resp.json()["choices"][0]["message"]
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["a", "b"]
@@ -96,8 +122,10 @@ async def test_tools_and_json_schema(gateway: Served) -> None:
         (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "model"),
         (orjson.dumps(chat_body(temperature=5)), "temperature"),
         (orjson.dumps(chat_body(messages=[{"role": "robot", "content": "x"}])), "messages.0"),
-        (orjson.dumps(chat_body(messages=[{"role": "tool", "content": "x"}])),
-         "messages.0.tool.tool_call_id"),
+        (
+            orjson.dumps(chat_body(messages=[{"role": "tool", "content": "x"}])),
+            "messages.0.tool.tool_call_id",
+        ),
         (orjson.dumps(chat_body(tool_choice="required")), None),
     ],
 )
@@ -109,8 +137,7 @@ async def test_bad_input_is_400_with_param(gateway: Served, raw: bytes, param: s
 
 
 async def test_unknown_model_is_404(gateway: Served) -> None:
-    err = assert_openai_error(await post(gateway, chat_body("nope")), 404,
-                              "invalid_request_error")
+    err = assert_openai_error(await post(gateway, chat_body("nope")), 404, "invalid_request_error")
     assert err["code"] == "model_not_found"
     assert err["param"] == "model"
 
@@ -151,5 +178,4 @@ async def test_upstream_auth_error_never_leaks_keys(gateway: Served) -> None:
 async def test_unknown_path_and_method_are_openai_shaped(gateway: Served) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as client:
         assert_openai_error(await client.get("/v1/nothing"), 404, "invalid_request_error")
-        assert_openai_error(await client.get("/v1/chat/completions"), 405,
-                            "invalid_request_error")
+        assert_openai_error(await client.get("/v1/chat/completions"), 405, "invalid_request_error")

@@ -11,18 +11,19 @@ from tests.fakes.server import FakeServer
 
 async def test_embeddings_upstream_and_mock(gateway: Served, openai_upstream: FakeServer) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as client:
-        resp = await client.post("/v1/embeddings", json={"model": "gpt-fake",
-                                                          "input": ["a", "b"]})
+        resp = await client.post("/v1/embeddings", json={"model": "gpt-fake", "input": ["a", "b"]})
         assert resp.status_code == 200, resp.text
         assert [d["index"] for d in resp.json()["data"]] == [0, 1]
         assert openai_upstream.seen[-1].path == "/v1/embeddings"
         assert resp.headers["x-flywheel-route"] == "gpt-fake"
-        mock = await client.post("/v1/embeddings",
-                                 json={"model": "demo", "input": "hi", "dimensions": 8})
+        mock = await client.post(
+            "/v1/embeddings", json={"model": "demo", "input": "hi", "dimensions": 8}
+        )
         vector = mock.json()["data"][0]["embedding"]
         assert len(vector) == 8
-        again = await client.post("/v1/embeddings",
-                                  json={"model": "demo", "input": "hi", "dimensions": 8})
+        again = await client.post(
+            "/v1/embeddings", json={"model": "demo", "input": "hi", "dimensions": 8}
+        )
         assert again.json()["data"][0]["embedding"] == vector  # deterministic
         bad = await client.post("/v1/embeddings", json={"model": "demo", "input": []})
         assert_openai_error(bad, 400, "invalid_request_error")

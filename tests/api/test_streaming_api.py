@@ -18,12 +18,14 @@ from tests.fakes.server import FakeServer
 async def events(gw: Served, body: dict[str, Any]) -> tuple[httpx.Response, list[Any]]:
     """The response and its SSE data payloads (parsed JSON, or the literal [DONE])."""
     out: list[Any] = []
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: "):
-                    data = line[6:]
-                    out.append(data if data == "[DONE]" else orjson.loads(data))
+    async with (
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+                out.append(data if data == "[DONE]" else orjson.loads(data))
     return resp, out
 
 
@@ -86,8 +88,9 @@ async def test_stream_chunks_are_flushed_as_they_come(gateway: Served) -> None:
     # The drip fake writes a chunk every 20 ms; the first must arrive long before the end.
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
         started = time.monotonic()
-        async with client.stream("POST", "/v1/chat/completions",
-                                 json=chat_body("drip", stream=True)) as resp:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body("drip", stream=True)
+        ) as resp:
             seen = 0
             async for line in resp.aiter_lines():
                 if line.startswith("data: "):
@@ -102,8 +105,9 @@ async def test_disconnect_cancels_upstream_and_records_usage(
 ) -> None:
     before = len(openai_upstream.state.disconnects)
     async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
-        async with client.stream("POST", "/v1/chat/completions",
-                                 json=chat_body("drip", stream=True)) as resp:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body("drip", stream=True)
+        ) as resp:
             request_id = resp.headers["x-request-id"]
             seen = 0
             async for line in resp.aiter_lines():
@@ -121,8 +125,11 @@ async def test_disconnect_cancels_upstream_and_records_usage(
     record = None
     for _ in range(100):
         entries = await redis.xrange(key_prefix + "requests")
-        matches = [orjson.loads(f[b"data"]) for _, f in entries
-                   if orjson.loads(f[b"data"])["request_id"] == request_id]
+        matches = [
+            orjson.loads(f[b"data"])
+            for _, f in entries
+            if orjson.loads(f[b"data"])["request_id"] == request_id
+        ]
         if matches:
             record = matches[0]
             break

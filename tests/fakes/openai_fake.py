@@ -14,8 +14,10 @@ from tests.fakes.server import FakeServer, FakeState, fault_of, remember
 
 def _error(status: int, message: str) -> web.Response:
     headers = {"Retry-After": "2"} if status == 429 else {}
-    kind = "rate_limit_error" if status == 429 else (
-        "invalid_request_error" if status < 500 else "server_error"
+    kind = (
+        "rate_limit_error"
+        if status == 429
+        else ("invalid_request_error" if status < 500 else "server_error")
     )
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return web.json_response(body, status=status, headers=headers)
@@ -34,8 +36,11 @@ def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     chosen = tools if body.get("parallel_tool_calls", True) else tools[:1]
     return [
-        {"id": f"call_{i}", "type": "function",
-         "function": {"name": t["function"]["name"], "arguments": json.dumps({"q": i})}}
+        {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": t["function"]["name"], "arguments": json.dumps({"q": i})},
+        }
         for i, t in enumerate(chosen)
     ]
 
@@ -73,24 +78,41 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = calls
-    return web.json_response({
-        "id": "chatcmpl-upstream", "object": "chat.completion", "created": int(time.time()),
-        "model": body["model"], "system_fingerprint": "fp_fake",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": _usage(body, text),
-    })
+    return web.json_response(
+        {
+            "id": "chatcmpl-upstream",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": _usage(body, text),
+        }
+    )
 
 
 def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> bytes:
-    data = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": body["model"],
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    data = {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body["model"],
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
 async def _stream(
-    state: FakeState, request: web.Request, body: dict[str, Any], text: str,
-    calls: list[dict[str, Any]], finish: str, kind: str, value: int,
+    state: FakeState,
+    request: web.Request,
+    body: dict[str, Any],
+    text: str,
+    calls: list[dict[str, Any]],
+    finish: str,
+    kind: str,
+    value: int,
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await resp.prepare(request)
@@ -101,9 +123,18 @@ async def _stream(
     else:
         pieces += [{"content": w + " "} for w in text.split(" ") if text]
     for i, call in enumerate(calls):
-        pieces.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                       "function": {"name": call["function"]["name"],
-                                                    "arguments": ""}}]})
+        pieces.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": i,
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["function"]["name"], "arguments": ""},
+                    }
+                ]
+            }
+        )
         args = call["function"]["arguments"]
         pieces.append({"tool_calls": [{"index": i, "function": {"arguments": args[:4]}}]})
         pieces.append({"tool_calls": [{"index": i, "function": {"arguments": args[4:]}}]})
@@ -119,9 +150,14 @@ async def _stream(
                 await asyncio.sleep(value / 1000)
         await resp.write(_chunk(body, {}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk",
-                     "created": int(time.time()), "model": body["model"], "choices": [],
-                     "usage": _usage(body, text)}
+            usage = {
+                "id": "chatcmpl-upstream",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [],
+                "usage": _usage(body, text),
+            }
             await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -139,10 +175,18 @@ async def _embeddings(state: FakeState, request: web.Request) -> web.Response:
     if kind == "fail":
         return _error(value, f"fake failure {value}")
     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-    data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
-            for i, _ in enumerate(inputs)]
-    return web.json_response({"object": "list", "data": data, "model": body["model"],
-                              "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+    data = [
+        {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
+        for i, _ in enumerate(inputs)
+    ]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        }
+    )
 
 
 def make_app(state: FakeState) -> web.Application:

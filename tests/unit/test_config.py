@@ -92,16 +92,30 @@ def test_example_routes_file_is_valid() -> None:
         ("routes: [1, 2", "not valid YAML"),
         ("routes: {}", "routes"),
         ("routes:\n  r:\n    deployments: []\n", "routes.r.deployments"),
-        ("routes:\n  r:\n    strategy: fastest\n    deployments:\n"
-         "      - {name: a, provider: mock, model: m}\n", "routes.r.strategy"),
-        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: nope, model: m}\n",
-         "routes.r.deployments.0.provider"),
-        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: mock, model: m, wieght: 2}\n",
-         "routes.r.deployments.0.wieght"),
-        ("routes:\n  r:\n    fallbacks: [ghost]\n    deployments:\n"
-         "      - {name: a, provider: mock, model: m}\n", "ghost"),
-        ("routes:\n  r:\n    deployments:\n      - {name: a, provider: mock, model: m}\n"
-         "      - {name: a, provider: mock, model: n}\n", "unique"),
+        (
+            "routes:\n  r:\n    strategy: fastest\n    deployments:\n"
+            "      - {name: a, provider: mock, model: m}\n",
+            "routes.r.strategy",
+        ),
+        (
+            "routes:\n  r:\n    deployments:\n      - {name: a, provider: nope, model: m}\n",
+            "routes.r.deployments.0.provider",
+        ),
+        (
+            "routes:\n  r:\n    deployments:\n"
+            "      - {name: a, provider: mock, model: m, wieght: 2}\n",
+            "routes.r.deployments.0.wieght",
+        ),
+        (
+            "routes:\n  r:\n    fallbacks: [ghost]\n    deployments:\n"
+            "      - {name: a, provider: mock, model: m}\n",
+            "ghost",
+        ),
+        (
+            "routes:\n  r:\n    deployments:\n      - {name: a, provider: mock, model: m}\n"
+            "      - {name: a, provider: mock, model: n}\n",
+            "unique",
+        ),
     ],
 )
 def test_bad_routes_file_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:

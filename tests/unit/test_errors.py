@@ -9,8 +9,12 @@ from app.errors import UpstreamStatusError, sanitise, validation_error
 
 @pytest.mark.parametrize(
     "leak",
-    ["sk-proj-abcdefghijklmnop1234", "AIzaSyA1234567890abcdefghijkl", "gsk_abcdefgh12345678",
-     "Bearer eyJhbGciOi.abc.def"],
+    [
+        "sk-proj-abcdefghijklmnop1234",
+        "AIzaSyA1234567890abcdefghijkl",
+        "gsk_abcdefgh12345678",
+        "Bearer eyJhbGciOi.abc.def",
+    ],
 )
 def test_sanitise_cuts_credentials(leak: str) -> None:
     assert leak not in sanitise(f"Incorrect API key provided: {leak}. See docs.")
@@ -24,8 +28,13 @@ def test_sanitise_cuts_the_known_secret_and_key_params() -> None:
 
 @pytest.mark.parametrize(
     ("upstream", "status", "type_"),
-    [(400, 400, "invalid_request_error"), (401, 401, "authentication_error"),
-     (429, 429, "rate_limit_error"), (500, 502, "upstream_error"), (503, 502, "upstream_error")],
+    [
+        (400, 400, "invalid_request_error"),
+        (401, 401, "authentication_error"),
+        (429, 429, "rate_limit_error"),
+        (500, 502, "upstream_error"),
+        (503, 502, "upstream_error"),
+    ],
 )
 def test_upstream_status_mapping(upstream: int, status: int, type_: str) -> None:
     err = UpstreamStatusError(upstream, "boom", retry_after=2.2)

@@ -18,10 +18,14 @@ from app.schemas.chat import ChatCompletionRequest
 def call(body: dict[str, Any], **mock: Any) -> ChatCall:
     params = {"latency_ms": 0, "jitter_ms": 0, **mock}
     return ChatCall(
-        request=ChatCompletionRequest.model_validate(body), body=body,
-        deployment=DeploymentConfig(name="m", provider="mock", model="mock-1",
-                                    mock=MockParams(**params)),
-        api_key=None, timeout_s=5, request_id="chatcmpl-x",
+        request=ChatCompletionRequest.model_validate(body),
+        body=body,
+        deployment=DeploymentConfig(
+            name="m", provider="mock", model="mock-1", mock=MockParams(**params)
+        ),
+        api_key=None,
+        timeout_s=5,
+        request_id="chatcmpl-x",
     )
 
 
@@ -40,8 +44,9 @@ async def test_same_seed_same_sequence() -> None:
 async def test_request_seed_is_repeatable() -> None:
     p = MockProvider()
     body = {**BODY, "seed": 42}
-    results = {orjson.dumps((await p.complete(call(body, quality=0.5)))["choices"])
-               for _ in range(5)}
+    results = {
+        orjson.dumps((await p.complete(call(body, quality=0.5)))["choices"]) for _ in range(5)
+    }
     assert len(results) == 1
 
 
@@ -77,11 +82,17 @@ async def test_error_rate() -> None:
 
 
 async def test_json_schema_answer_is_valid_json() -> None:
-    schema = {"type": "object", "properties": {"n": {"type": "integer"},
-                                               "tags": {"type": "array",
-                                                        "items": {"type": "string"}}}}
-    body = {**BODY, "response_format": {"type": "json_schema",
-                                        "json_schema": {"name": "s", "schema": schema}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    body = {
+        **BODY,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
     result = await MockProvider().complete(call(body, quality=1.0))
     value = orjson.loads(result["choices"][0]["message"]["content"])
     assert isinstance(value["n"], int)
@@ -89,8 +100,13 @@ async def test_json_schema_answer_is_valid_json() -> None:
 
 
 async def test_tool_call_and_stream_shapes() -> None:
-    tool = {"type": "function", "function": {"name": "get", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
     body = {**BODY, "tools": [tool], "tool_choice": "required"}
     result = await MockProvider().complete(call(body, quality=1.0))
     tc = result["choices"][0]["message"]["tool_calls"][0]
@@ -99,7 +115,8 @@ async def test_tool_call_and_stream_shapes() -> None:
     chunks = [c async for c in MockProvider().stream(call(body, quality=1.0))]
     args = "".join(
         d["function"].get("arguments", "")
-        for c in chunks if c["choices"]
+        for c in chunks
+        if c["choices"]
         for d in c["choices"][0]["delta"].get("tool_calls", [])
     )
     assert orjson.loads(args) == orjson.loads(tc["function"]["arguments"])

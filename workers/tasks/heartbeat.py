@@ -8,7 +8,7 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.store.heartbeat import write_beat
@@ -21,8 +21,12 @@ log = logging.getLogger("flywheel.worker")
 async def heartbeat(ctx: dict[str, Any]) -> int:
     wctx = get_context(ctx)
     wctx.beats += 1
-    info = {"hostname": socket.gethostname(), "pid": os.getpid(),
-            "started_at": wctx.started_at, "beats": wctx.beats}
+    info = {
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": wctx.started_at,
+        "beats": wctx.beats,
+    }
     await write_beat(ctx["redis"], wctx.settings.flywheel_redis_prefix, wctx.worker_id, info)
     try:
         await _store(wctx.engine, wctx.worker_id, wctx.started_at, wctx.beats)
@@ -42,9 +46,12 @@ async def _store(engine: Any, worker_id: str, started_at: float, beats: int) -> 
         )
         if result.rowcount == 0:
             await conn.execute(
-                WorkerHeartbeat.__table__.insert().values(
-                    worker_id=worker_id, hostname=socket.gethostname(), pid=os.getpid(),
-                    started_at=datetime.fromtimestamp(started_at, UTC), last_beat_at=now,
+                insert(WorkerHeartbeat).values(
+                    worker_id=worker_id,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                    started_at=datetime.fromtimestamp(started_at, UTC),
+                    last_beat_at=now,
                     beats=beats,
                 )
             )
