@@ -69,7 +69,7 @@ def find_tools() -> tuple[str, str] | None:
         return nginx, wrk_bin
     missing = " and ".join(n for n, p in (("nginx", nginx), ("wrk", wrk_bin)) if not p)
     print(
-        f"bench: {missing} not found on PATH (nor in /usr/sbin).\n"
+        f"bench: {missing} not found (searched PATH and /usr/sbin).\n"
         "Install the Debian packages first:  apt-get install nginx-light wrk",
         file=sys.stderr,
     )
@@ -109,6 +109,8 @@ class Run:
             for c in CONCURRENCY:
                 for side, url, body in self.sides(kind, gateway):
                     res = wrk.run(self.wrk_bin, url, body, connections=c, seconds=self.args.seconds)
+                    if gateway is not None:
+                        gateway.check_alive()
                     for name, value in res.figures().items():
                         self.fig[f"{kind}.c{c}.{side}.{name}"] = value
                     progress(
@@ -154,7 +156,7 @@ def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
 def tool_versions(nginx: str, wrk_bin: str) -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
-        return (done.stderr or done.stdout).strip().splitlines()[0] if done else ""
+        return next(iter((done.stderr or done.stdout).strip().splitlines()), "")
 
     return {
         "nginx": first_line([nginx, "-v"]),
@@ -225,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     med = report.medians(runs)
+    prompts = "one identical prompt" if args.same_prompt else "a unique prompt per request"
+    print(
+        f"Flywheel bench: {args.seconds:g} s per cell, {len(runs)} run(s), {prompts}, "
+        f"{args.ttft_requests} TTFT requests per side"
+    )
     print(report.render(med, len(runs)))
     print(
         f"\n(wall time {time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs; "

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import BenchError, Processes, free_port, rss_mb, wait_for_http
+from bench.procs import BenchError, Processes, free_port, log_tail, rss_mb, wait_for_http
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -37,6 +37,7 @@ START_TIMEOUT_S = 60.0
 class Gateway:
     proc: subprocess.Popen[bytes]
     port: int
+    log: Path
 
     @property
     def url(self) -> str:
@@ -44,6 +45,10 @@ class Gateway:
 
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"the gateway exited ({self.proc.returncode}){log_tail(self.log)}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class GatewaySetup:
         cold = wait_for_http(
             proc, port, "/health", timeout_s=START_TIMEOUT_S, log=self.log, since=since
         )
-        return Gateway(proc, port), cold
+        return Gateway(proc, port, self.log), cold
 
 
 def start_measured(

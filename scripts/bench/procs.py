@@ -143,13 +143,14 @@ def wait_for_http(
         if http_status(port, path, timeout_s=0.5) == 200:
             return time.perf_counter() - start
         if proc.poll() is not None:
-            raise BenchError(f"{proc.args!r} exited with {proc.returncode}{_tail(log)}")
+            raise BenchError(f"{proc.args!r} exited with {proc.returncode}{log_tail(log)}")
         if time.perf_counter() - start > timeout_s:
-            raise BenchError(f"{path} on port {port} not 200 after {timeout_s:.0f}s{_tail(log)}")
+            raise BenchError(f"{path} on port {port} not 200 after {timeout_s:.0f}s{log_tail(log)}")
         time.sleep(0.005)
 
 
-def _tail(log: Path | None, lines: int = 30) -> str:
+def log_tail(log: Path | None, lines: int = 30) -> str:
+    """The end of a log file, framed for an error message ("" if there is none)."""
     if log is None or not log.exists():
         return ""
     text = log.read_text(errors="replace").splitlines()[-lines:]
