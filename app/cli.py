@@ -28,8 +28,11 @@ def migrate(database_url: str | None = None) -> None:
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    # The checkout (or image) root holds alembic.ini and migrations/; fall back to the
+    # working directory for installs that put the package elsewhere.
+    root = ROOT if (ROOT / "alembic.ini").is_file() else Path.cwd()
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
     if database_url:
         config.attributes["database_url"] = database_url
     command.upgrade(config, "head")

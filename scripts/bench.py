@@ -108,11 +108,14 @@ class Run:
                     wrk.run(self.wrk_bin, url, body, connections=16, seconds=WARMUP_S)
             for c in CONCURRENCY:
                 for side, url, body in self.sides(kind, gateway):
+                    cpu = gateway.cpu_seconds() if gateway else 0.0
                     res = wrk.run(self.wrk_bin, url, body, connections=c, seconds=self.args.seconds)
-                    if gateway is not None:
+                    key = f"{kind}.c{c}.{side}"
+                    self.fig.update({f"{key}.{name}": v for name, v in res.figures().items()})
+                    if gateway is not None and side == "gateway":
                         gateway.check_alive()
-                    for name, value in res.figures().items():
-                        self.fig[f"{kind}.c{c}.{side}.{name}"] = value
+                        cpu = gateway.cpu_seconds() - cpu
+                        self.fig[f"{key}.cpu_ms_per_req"] = 1000 * cpu / max(1, res.requests)
                     progress(
                         f"  {kind:<6} c={c:<3} {side:<8} {res.rps:>8.0f} req/s  "
                         f"p50 {res.p50_ms:6.2f}  p90 {res.p90_ms:6.2f}  "

@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import BenchError, Processes, free_port, log_tail, rss_mb, wait_for_http
+from bench.procs import (
+    BenchError,
+    Processes,
+    cpu_seconds,
+    free_port,
+    log_tail,
+    rss_mb,
+    wait_for_http,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,6 +53,9 @@ class Gateway:
 
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:

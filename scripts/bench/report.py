@@ -83,20 +83,24 @@ def load_tables(fig: Figures) -> list[str]:
         lines += [
             "",
             f"{title} — latency in ms",
-            f"{'':>5} | {'direct to nginx':^37} | {'through the gateway':^37} | {'added':^15}",
-            f"{'conc':>5} | {head} | {head} | {'p50':>7} {'p99':>7}",
+            f"{'':>5} | {'direct to nginx':^37} | {'through the gateway':^37} | "
+            f"{'added':^15} | gateway",
+            f"{'conc':>5} | {head} | {head} | {'p50':>7} {'p99':>7} | cpu/req",
         ]
         for c in CONCURRENCY:
             base = f"{kind}.c{c}"
             lines.append(
                 f"{c:>5} | {_cell(fig, base + '.direct')} | {_cell(fig, base + '.gateway')} | "
-                f"{_num(fig, base + '.added_p50_ms'):>7} {_num(fig, base + '.added_p99_ms'):>7}"
+                f"{_num(fig, base + '.added_p50_ms'):>7} {_num(fig, base + '.added_p99_ms'):>7} | "
+                f"{_num(fig, base + '.gateway.cpu_ms_per_req', '{:.3f}'):>7}"
             )
     return lines
 
 
 def other_lines(fig: Figures) -> list[str]:
     return [
+        "cpu/req: the gateway process's user+system CPU per request, in ms (load-independent;",
+        "1000 / cpu/req is roughly the req/s one worker could reach with a core of its own).",
         "",
         "Time to first content token, streaming, c=1 (sequential requests), ms",
         f"  direct   median {_num(fig, 'ttft.direct.median_ms', '{:.3f}'):>8}"
