@@ -99,6 +99,7 @@ def load_tables(fig: Figures) -> list[str]:
 
 def other_lines(fig: Figures) -> list[str]:
     return [
+        "",
         "cpu/req: the gateway process's user+system CPU per request, in ms (load-independent;",
         "1000 / cpu/req is roughly the req/s one worker could reach with a core of its own).",
         "",
