@@ -7,9 +7,8 @@ the small state machine that turns Anthropic's stream events into OpenAI chunks.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -24,7 +23,7 @@ from app.providers.anthropic_translate import (
     usage_of,
 )
 from app.providers.base import JSON, ChatCall, EmbedCall, chunk, unsupported_embeddings
-from app.providers.http import parse_event, post_json, sse_data, stream_lines
+from app.providers.http import open_sse, parse_event, post_json
 
 ANTHROPIC_BASE = "https://api.anthropic.com"
 # The API version this adapter's translation was written against; newer versions may
@@ -60,23 +59,15 @@ class AnthropicProvider:
         # Translated first: a request Anthropic cannot take fails before any connection.
         body = to_anthropic(call.request, call.deployment.model, stream=True)
         translator = StreamTranslator(call.deployment.model, call.secret)
-        # http.py types its generators as iterators; they are generators, which can close.
-        lines = cast(
-            AsyncGenerator[bytes, None],
-            stream_lines(
-                self._session,
-                self._url(call),
-                headers=self._headers(call.secret),
-                body=body,
-                timeout_s=call.timeout_s,
-                reader=anthropic_error_reader,
-                secret=call.secret,
-            ),
-        )
-        events = cast(AsyncGenerator[tuple[str, bytes], None], sse_data(lines))
-        # Closing both generators explicitly releases the connection as soon as the
-        # message ends or the consumer goes away, instead of whenever GC finalises them.
-        async with aclosing(lines), aclosing(events):
+        async with open_sse(
+            self._session,
+            self._url(call),
+            headers=self._headers(call.secret),
+            body=body,
+            timeout_s=call.timeout_s,
+            reader=anthropic_error_reader,
+            secret=call.secret,
+        ) as events:
             async for _name, data in events:
                 for out in translator.feed(parse_event(data)):
                     yield out

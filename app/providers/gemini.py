@@ -13,9 +13,8 @@ import base64
 import math
 import struct
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
@@ -30,7 +29,7 @@ from app.providers.gemini_translate import (
     to_gemini_request,
     tool_call,
 )
-from app.providers.http import parse_event, post_json, sse_data, stream_lines
+from app.providers.http import open_sse, parse_event, post_json
 from app.routing.config import DeploymentConfig
 
 GEMINI_BASE = "https://generativelanguage.googleapis.com"
@@ -201,23 +200,15 @@ class GeminiProvider:
         # Translated first: a request Gemini cannot take fails before any connection.
         body = to_gemini_request(call.request)
         translator = StreamTranslator(call.deployment.model)
-        # http.py types its generators as iterators; they are generators, which can close.
-        lines = cast(
-            AsyncGenerator[bytes, None],
-            stream_lines(
-                self._session,
-                gemini_url(call.deployment, "streamGenerateContent") + "?alt=sse",
-                headers=self._headers(call.secret),
-                body=body,
-                timeout_s=call.timeout_s,
-                reader=google_error_reader,
-                secret=call.secret,
-            ),
-        )
-        events = cast(AsyncGenerator[tuple[str, bytes], None], sse_data(lines))
-        # Closing both generators explicitly releases the connection as soon as the
-        # consumer goes away, instead of whenever GC finalises them.
-        async with aclosing(lines), aclosing(events):
+        async with open_sse(
+            self._session,
+            gemini_url(call.deployment, "streamGenerateContent") + "?alt=sse",
+            headers=self._headers(call.secret),
+            body=body,
+            timeout_s=call.timeout_s,
+            reader=google_error_reader,
+            secret=call.secret,
+        ) as events:
             async for _name, data in events:
                 event = parse_event(data)
                 if "error" in event:

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -152,7 +153,7 @@ async def stream_lines(
     timeout_s: float,
     reader: ErrorReader,
     secret: str,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """POST and yield the response's lines; the timeout bounds each wait for data."""
     try:
         async with session.post(
@@ -171,7 +172,7 @@ async def stream_lines(
         raise transport_error(e, secret) from e
 
 
-async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
+async def sse_data(lines: AsyncIterator[bytes]) -> AsyncGenerator[tuple[str, bytes], None]:
     """(event name, data) of each server-sent event; comments and keep-alives skipped."""
     event = ""
     data: list[bytes] = []
@@ -197,3 +198,33 @@ def parse_event(data: bytes) -> JSON:
     if not isinstance(parsed, dict):
         raise UpstreamError("upstream sent an unexpected stream chunk")
     return parsed
+
+
+@asynccontextmanager
+async def open_sse(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: JSON,
+    timeout_s: float,
+    reader: ErrorReader,
+    secret: str,
+) -> AsyncIterator[AsyncIterator[tuple[str, bytes]]]:
+    """POST and give the (event, data) pairs of the server-sent events that come back.
+
+    Both generators are closed on leaving the block, so the upstream connection is
+    released as soon as the answer ends or the consumer goes away, not at GC time.
+    """
+    lines = stream_lines(
+        session,
+        url,
+        headers=headers,
+        body=body,
+        timeout_s=timeout_s,
+        reader=reader,
+        secret=secret,
+    )
+    events = sse_data(lines)
+    async with aclosing(lines), aclosing(events):
+        yield events

@@ -13,11 +13,10 @@ import aiohttp
 from app.errors import UpstreamError, sanitise
 from app.providers.base import JSON, ChatCall, EmbedCall
 from app.providers.http import (
+    open_sse,
     openai_error_reader,
     parse_event,
     post_json,
-    sse_data,
-    stream_lines,
 )
 
 OPENAI_BASE = "https://api.openai.com/v1"
@@ -57,7 +56,7 @@ class OpenAIProvider:
             # Always ask for usage so the gateway can account it; the gateway drops the
             # usage chunk again when the client did not ask for it.
             body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
-        lines = stream_lines(
+        async with open_sse(
             self._session,
             self._url(call.deployment.api_base, "/chat/completions"),
             headers=self._headers(call.secret),
@@ -65,16 +64,16 @@ class OpenAIProvider:
             timeout_s=call.timeout_s,
             reader=openai_error_reader,
             secret=call.secret,
-        )
-        async for _event, data in sse_data(lines):
-            if data == b"[DONE]":
-                return
-            parsed = parse_event(data)
-            if "error" in parsed and "choices" not in parsed:
-                message, _, _ = openai_error_reader(parsed)
-                detail = sanitise(message or "unknown", call.secret)
-                raise UpstreamError(f"upstream stream error: {detail}")
-            yield parsed
+        ) as events:
+            async for _event, data in events:
+                if data == b"[DONE]":
+                    return
+                parsed = parse_event(data)
+                if "error" in parsed and "choices" not in parsed:
+                    message, _, _ = openai_error_reader(parsed)
+                    detail = sanitise(message or "unknown", call.secret)
+                    raise UpstreamError(f"upstream stream error: {detail}")
+                yield parsed
         raise UpstreamError("upstream stream ended before [DONE]", code="stream_interrupted")
 
     async def embed(self, call: EmbedCall) -> JSON:

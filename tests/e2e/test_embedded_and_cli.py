@@ -71,7 +71,7 @@ def run_once(tmp: Path, port: int, sig: signal.Signals) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], f"orphans left: {alive}"
     assert (tmp / "flywheel.db").exists()
 
