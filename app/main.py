@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.api import chat, embeddings, health, models
+from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
 from app.config import Settings
 from app.errors import install_error_handlers
@@ -90,7 +91,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, routes: RoutesFile | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = FastAPI(title="Flywheel", version=VERSION, lifespan=lifespan)
+    app = Gateway(title="Flywheel", version=VERSION, lifespan=lifespan)
     app.state.settings = settings
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)

@@ -7,24 +7,39 @@ is kept for pass-through to OpenAI-compatible upstreams.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from app.errors import InvalidRequestError, PayloadTooLargeError, validation_error
 
 T = TypeVar("T")
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
+async def receive_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body straight from ASGI `receive`, for the fast path."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def read_json_object(
+    source: AsyncIterator[bytes], declared: str | None, limit: int
+) -> dict[str, Any]:
+    """The body as a JSON object; `declared` is the Content-Length header, if any."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    async for chunk in source:
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)

@@ -1,8 +1,14 @@
-"""POST /v1/chat/completions: glue between the wire, the router and the providers."""
+"""POST /v1/chat/completions: glue between the wire, the router and the providers.
+
+`handle` is the whole exchange; the fast path (`app.api.fastpath`) calls it straight
+from ASGI, and the FastAPI route below calls the same function for the docs and for
+any server that bypasses the fast path.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Request
@@ -15,10 +21,12 @@ from app.deps import StateDep, request_id
 from app.errors import GatewayError
 from app.providers.base import ChatCall, Provider
 from app.schemas.chat import CHAT_REQUEST, ChatCompletionRequest
+from app.state import AppState
 from app.store.records import Recorder
 
 router = APIRouter()
 
+PATH = "/v1/chat/completions"
 _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
@@ -29,11 +37,12 @@ _OPENAPI_BODY = {
 }
 
 
-@router.post("/v1/chat/completions", openapi_extra=_OPENAPI_BODY, tags=["openai"])
-async def chat_completions(request: Request, state: StateDep) -> Response:
-    exchange = Exchange(request_id(request), "chat.completions")
+async def handle(
+    state: AppState, rid: str, source: AsyncIterator[bytes], length: str | None
+) -> Response:
+    exchange = Exchange(rid, "chat.completions")
     try:
-        body = await read_json_object(request, state.settings.flywheel_max_body_bytes)
+        body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         exchange.target = target = state.router.pick(chat.model)
@@ -43,7 +52,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
             deployment=target.deployment,
             api_key=target.api_key,
             timeout_s=target.timeout_s,
-            request_id=exchange.request_id,
+            request_id=rid,
         )
         provider = state.providers.get(target.deployment.provider)
         exchange.attempts = 1
@@ -56,7 +65,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
         exchange.record(state.recorder, status=e.status, error_code=e.code)
         e.headers.update(exchange.headers())
         raise
-    result["id"] = exchange.request_id
+    result["id"] = rid
     choices = result.get("choices") or [{}]
     exchange.record(
         state.recorder,
@@ -87,3 +96,9 @@ async def _stream(
         media_type="text/event-stream",
         headers=headers,
     )
+
+
+@router.post(PATH, openapi_extra=_OPENAPI_BODY, tags=["openai"])
+async def chat_completions(request: Request, state: StateDep) -> Response:
+    length = request.headers.get("content-length")
+    return await handle(state, request_id(request), request.stream(), length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Request
@@ -14,9 +15,11 @@ from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
 from app.providers.base import EmbedCall
 from app.schemas.embeddings import EMBEDDING_REQUEST
+from app.state import AppState
 
 router = APIRouter()
 
+PATH = "/v1/embeddings"
 _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
@@ -27,11 +30,12 @@ _OPENAPI_BODY = {
 }
 
 
-@router.post("/v1/embeddings", openapi_extra=_OPENAPI_BODY, tags=["openai"])
-async def embeddings(request: Request, state: StateDep) -> Response:
-    exchange = Exchange(request_id(request), "embeddings")
+async def handle(
+    state: AppState, rid: str, source: AsyncIterator[bytes], length: str | None
+) -> Response:
+    exchange = Exchange(rid, "embeddings")
     try:
-        body = await read_json_object(request, state.settings.flywheel_max_body_bytes)
+        body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
         if not req.texts or any(t == "" for t in req.texts):
             raise InvalidRequestError(
@@ -44,7 +48,7 @@ async def embeddings(request: Request, state: StateDep) -> Response:
             deployment=target.deployment,
             api_key=target.api_key,
             timeout_s=target.timeout_s,
-            request_id=exchange.request_id,
+            request_id=rid,
         )
         exchange.attempts = 1
         sent = time.perf_counter()
@@ -56,3 +60,9 @@ async def embeddings(request: Request, state: StateDep) -> Response:
         raise
     exchange.record(state.recorder, status=200, usage=result.get("usage"))
     return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
+
+
+@router.post(PATH, openapi_extra=_OPENAPI_BODY, tags=["openai"])
+async def embeddings(request: Request, state: StateDep) -> Response:
+    length = request.headers.get("content-length")
+    return await handle(state, request_id(request), request.stream(), length)

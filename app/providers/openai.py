@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import aiohttp
+from yarl import URL
 
 from app.errors import UpstreamError, sanitise
 from app.providers.base import JSON, ChatCall, EmbedCall
@@ -17,6 +18,7 @@ from app.providers.http import (
     openai_error_reader,
     parse_event,
     post_json,
+    upstream_url,
 )
 
 OPENAI_BASE = "https://api.openai.com/v1"
@@ -27,11 +29,11 @@ class OpenAIProvider:
         self._session = session
         self._default_base = default_base
 
-    def _url(self, base: str | None, path: str) -> str:
+    def _url(self, base: str | None, path: str) -> URL:
         root = base or self._default_base
         if root is None:
             raise UpstreamError("deployment has no api_base", code="misconfigured_deployment")
-        return root.rstrip("/") + path
+        return upstream_url(root, path)
 
     @staticmethod
     def _headers(secret: str) -> dict[str, str]:
