@@ -1,9 +1,11 @@
 """Request records: built on the request path, shipped to a Redis stream off it.
 
-`Recorder.record` only puts the record on a bounded in-process queue; a background task
-appends batches to the stream, which workers consolidate into the database. When Redis
-is down the queue holds what it can and the oldest records are dropped (and counted),
-so a Redis outage never slows or fails a request.
+`Recorder.record` only appends the record to a bounded in-process buffer; a background
+task ships the buffer every `interval_s` as one stream entry holding a JSON array of
+records (one Redis round trip per interval, not per request: per-request XADDs cost as
+much CPU as the request itself at low concurrency). Workers consolidate the stream into
+the database. When Redis is down the buffer holds what it can and the oldest records are
+dropped (and counted), so a Redis outage never slows or fails a request.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -20,7 +24,9 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("flywheel.records")
 
-STREAM_MAXLEN = 200_000
+# Stream entries are batches, so this bounds memory at roughly this many intervals.
+STREAM_MAXLEN = 50_000
+BATCH_MAX = 1000
 
 
 @dataclass(slots=True)
@@ -47,11 +53,28 @@ class RequestRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def decode_entries(entries: Sequence[tuple[Any, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The records inside stream entries (as XRANGE / XREADGROUP return them), in order."""
+    out: list[dict[str, Any]] = []
+    for _id, fields in entries:
+        out.extend(orjson.loads(fields[b"records"]))
+    return out
+
+
 class Recorder:
-    def __init__(self, redis: Redis | None, stream_key: str, *, capacity: int = 10_000):
+    def __init__(
+        self,
+        redis: Redis | None,
+        stream_key: str,
+        *,
+        capacity: int = 50_000,
+        interval_s: float = 0.05,
+    ) -> None:
         self._redis = redis
         self._stream = stream_key
-        self._queue: asyncio.Queue[RequestRecord] = asyncio.Queue(maxsize=capacity)
+        self._capacity = capacity
+        self._interval_s = interval_s
+        self._buffer: deque[RequestRecord] = deque()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.shipped = 0
@@ -61,16 +84,14 @@ class Recorder:
             # No Redis configured at all: there is nowhere to ship to, so keep nothing.
             self.dropped += 1
             return
-        if self._queue.full():
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._queue.get_nowait()
-                self._queue.task_done()
+        if len(self._buffer) >= self._capacity:
+            self._buffer.popleft()
             self.dropped += 1
-        self._queue.put_nowait(rec)
+        self._buffer.append(rec)
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._buffer)
 
     def start(self) -> None:
         if self._redis is not None and self._task is None:
@@ -79,41 +100,37 @@ class Recorder:
     async def stop(self, drain_timeout_s: float = 2.0) -> None:
         if self._task is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), drain_timeout_s)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), drain_timeout_s)
 
-    async def _drain(self) -> None:
-        await self._queue.join()
-
-    async def _ship_forever(self) -> None:
+    async def flush(self) -> bool:
+        """Ship everything buffered; False (records kept) when Redis fails."""
         assert self._redis is not None
-        backoff = 0.1
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < 500 and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+        while self._buffer:
+            batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), BATCH_MAX))]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for rec in batch:
-                        pipe.xadd(
-                            self._stream,
-                            {"data": orjson.dumps(asdict(rec))},
-                            maxlen=STREAM_MAXLEN,
-                            approximate=True,
-                        )
-                    await pipe.execute()
-                self.shipped += len(batch)
-                backoff = 0.1
+                await self._redis.xadd(
+                    self._stream,
+                    {"records": orjson.dumps(batch)},
+                    maxlen=STREAM_MAXLEN,
+                    approximate=True,
+                )
             except (RedisError, OSError) as e:
                 log.warning("request records not shipped (%s); keeping them", type(e).__name__)
-                for rec in batch:
-                    self.record(rec)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                room = self._capacity - len(self._buffer)
+                self.dropped += max(0, len(batch) - room)
+                self._buffer.extendleft(reversed(batch[len(batch) - max(0, room) :]))
+                return False
+            self.shipped += len(batch)
+        return True
+
+    async def _ship_forever(self) -> None:
+        backoff = self._interval_s
+        while True:
+            await asyncio.sleep(backoff)
+            shipped = await self.flush()
+            backoff = self._interval_s if shipped else min(backoff * 2, 5.0)

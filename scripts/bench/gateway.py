@@ -68,11 +68,14 @@ class GatewaySetup:
 
     tmp: Path
     upstream_port: int
+    # A real Redis, as in production: request records are shipped to it during the load.
+    redis_url: str
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env = dict(os.environ)
         env.update(
+            REDIS_URL=self.redis_url,
             FLYWHEEL_CONFIG=str(self.tmp / "routes.yaml"),
             FLYWHEEL_VAR_DIR=str(self.tmp / "var"),
             DATABASE_URL=f"sqlite+aiosqlite:///{self.tmp / 'bench.db'}",

@@ -24,6 +24,14 @@ class Target:
         compare: Callable[[float, float], bool] = operator.le if self.op == "<=" else operator.ge
         return compare(value, self.limit)
 
+    def verdict(self, fig: Figures) -> str:
+        """One of ok, MISS, n/a (not measured), noisy (a negative added latency)."""
+        if self.key not in fig:
+            return "n/a"
+        if ".added_" in self.key and fig[self.key] < 0:
+            return "noisy"  # the direct side was slower than the gateway: noise, no result
+        return "ok" if self.met(fig[self.key]) else "MISS"
+
 
 def targets() -> list[Target]:
     rows: list[Target] = []
@@ -121,18 +129,18 @@ def summary(fig: Figures, runs: int) -> list[str]:
     title = "SUMMARY" + (f" (median of {runs} runs)" if runs > 1 else "")
     rule = "-" * 66
     lines = ["", title, f"{'figure':<36} {'value':>10}   {'target':<12}", rule]
-    met = measured = 0
+    verdicts = []
     for t in targets():
         target = f"{t.op} {t.limit:,g} {t.unit}".strip()
-        if t.key not in fig:
-            lines.append(f"{t.label:<36} {'-':>10}   {target:<12} n/a")
-            continue
-        value = fig[t.key]
-        measured += 1
-        met += t.met(value)
-        shown = f"{value:,.0f}" if t.unit in ("/s", "") else f"{value:.3f}"
-        lines.append(f"{t.label:<36} {shown:>10}   {target:<12} {'ok' if t.met(value) else 'MISS'}")
-    lines += [rule, f"{met} of {measured} measured targets met ({len(targets())} in all)"]
+        verdict = t.verdict(fig)
+        verdicts.append(verdict)
+        shown = "-" if verdict == "n/a" else _num(fig, t.key, "{:.3f}")
+        if verdict != "n/a" and t.unit in ("/s", ""):
+            shown = f"{fig[t.key]:,.0f}"
+        hint = " (rerun with --repeat)" if verdict == "noisy" else ""
+        lines.append(f"{t.label:<36} {shown:>10}   {target:<12} {verdict}{hint}")
+    met, judged = verdicts.count("ok"), verdicts.count("ok") + verdicts.count("MISS")
+    lines += [rule, f"{met} of {judged} judged targets met ({len(verdicts)} in all)"]
     return lines
 
 

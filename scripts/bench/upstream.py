@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Processes, free_port, wait_for_http
+from bench.procs import BenchError, Processes, free_port, wait_for_http
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 UPSTREAM_MODEL = "gpt-4o-mini-2024-07-18"
@@ -103,3 +104,30 @@ def start_nginx(procs: Processes, tmp: Path, nginx: str) -> tuple[subprocess.Pop
     proc = procs.start(argv, cwd=tmp, log=log)
     wait_for_http(proc, port, "/health", timeout_s=10, log=tmp / "nginx-error.log")
     return proc, port
+
+
+def start_redis(procs: Processes, tmp: Path) -> str:
+    """A private redis-server (the one embedded mode uses) for the gateway's records."""
+    from app.embedded import redis_server_binary
+
+    sock = tmp / "redis.sock"
+    argv = [
+        redis_server_binary(),
+        "--port",
+        "0",
+        "--unixsocket",
+        str(sock),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp),
+    ]
+    proc = procs.start(argv, log=tmp / "redis.log")
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("redis-server did not start")
+        time.sleep(0.05)
+    return f"unix://{sock}"

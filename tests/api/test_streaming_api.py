@@ -10,6 +10,7 @@ import httpx
 import orjson
 from redis.asyncio import Redis
 
+from app.store.records import decode_entries
 from tests.api.test_chat_api import assert_openai_error, chat_body, post
 from tests.conftest import Served
 from tests.fakes.server import FakeServer
@@ -125,11 +126,7 @@ async def test_disconnect_cancels_upstream_and_records_usage(
     record = None
     for _ in range(100):
         entries = await redis.xrange(key_prefix + "requests")
-        matches = [
-            orjson.loads(f[b"data"])
-            for _, f in entries
-            if orjson.loads(f[b"data"])["request_id"] == request_id
-        ]
+        matches = [r for r in decode_entries(entries) if r["request_id"] == request_id]
         if matches:
             record = matches[0]
             break
