@@ -34,17 +34,17 @@ class Target:
 
 
 def targets() -> list[Target]:
-    rows: list[Target] = []
-    for kind, _ in KINDS:
-        rows += [
-            Target(f"{kind}: added latency c=1 p50", f"{kind}.c1.added_p50_ms", "<=", 0.6, "ms"),
-            Target(f"{kind}: added latency c=1 p99", f"{kind}.c1.added_p99_ms", "<=", 1.5, "ms"),
-            Target(f"{kind}: gateway c=16 throughput", f"{kind}.c16.gateway.rps", ">=", 2500, "/s"),
-            Target(f"{kind}: gateway c=16 errors", f"{kind}.c16.gateway.errors", "<=", 0, ""),
-            Target(f"{kind}: gateway c=64 p99", f"{kind}.c64.gateway.p99_ms", "<=", 40, "ms"),
-        ]
+    """The issue's targets: JSON latency and throughput, streaming time to first token.
+
+    The streaming rows of the tables are reported, not judged: the targets set none.
+    """
     return [
-        *rows,
+        Target("json: added latency c=1 p50", "json.c1.added_p50_ms", "<=", 0.6, "ms"),
+        Target("json: added latency c=1 p99", "json.c1.added_p99_ms", "<=", 1.5, "ms"),
+        Target("json: gateway c=16 throughput", "json.c16.gateway.rps", ">=", 2500, "/s"),
+        Target("json: gateway c=16 errors", "json.c16.gateway.errors", "<=", 0, ""),
+        Target("json: gateway c=64 p99", "json.c64.gateway.p99_ms", "<=", 40, "ms"),
+        Target("stream: gateway c=16 errors", "stream.c16.gateway.errors", "<=", 0, ""),
         Target("stream: TTFT added c=1 (median)", "ttft.added_median_ms", "<=", 1.0, "ms"),
         Target("idle RSS", "rss.idle_mb", "<=", 120, "MB"),
         Target("cold start (median of starts)", "cold_start_s", "<=", 2.0, "s"),
