@@ -61,6 +61,12 @@ async def read_json_object(
     return body
 
 
+def openapi_body(schema: str) -> dict[str, Any]:
+    """`openapi_extra` for a handler that reads its body itself: the docs still show it."""
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def validate(adapter: TypeAdapter[T], body: dict[str, Any]) -> T:
     try:
         return adapter.validate_python(body)

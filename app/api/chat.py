@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from app.api.body import read_json_object, validate
+from app.api.body import openapi_body, read_json_object, validate
 from app.api.exchange import Exchange
 from app.api.streaming import first_chunk, sse_body
 from app.deps import StateDep, request_id
@@ -27,14 +27,6 @@ from app.store.records import Recorder
 router = APIRouter()
 
 PATH = "/v1/chat/completions"
-_OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
-        },
-    }
-}
 
 
 async def handle(
@@ -98,7 +90,7 @@ async def _stream(
     )
 
 
-@router.post(PATH, openapi_extra=_OPENAPI_BODY, tags=["openai"])
+@router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])
 async def chat_completions(request: Request, state: StateDep) -> Response:
     length = request.headers.get("content-length")
     return await handle(state, request_id(request), request.stream(), length)

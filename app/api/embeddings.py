@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.body import read_json_object, validate
+from app.api.body import openapi_body, read_json_object, validate
 from app.api.exchange import Exchange
 from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
@@ -20,14 +20,6 @@ from app.state import AppState
 router = APIRouter()
 
 PATH = "/v1/embeddings"
-_OPENAPI_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}
-        },
-    }
-}
 
 
 async def handle(
@@ -62,7 +54,7 @@ async def handle(
     return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
 
 
-@router.post(PATH, openapi_extra=_OPENAPI_BODY, tags=["openai"])
+@router.post(PATH, openapi_extra=openapi_body("EmbeddingRequest"), tags=["openai"])
 async def embeddings(request: Request, state: StateDep) -> Response:
     length = request.headers.get("content-length")
     return await handle(state, request_id(request), request.stream(), length)

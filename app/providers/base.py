@@ -24,32 +24,30 @@ JSON = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class ChatCall:
+class Upstream:
+    """Where a call goes: the chosen deployment, its key and the time it may take."""
+
+    deployment: DeploymentConfig
+    api_key: SecretStr | None
+    timeout_s: float
+    request_id: str
+
+    @property
+    def secret(self) -> str:
+        return self.api_key.get_secret_value() if self.api_key else ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatCall(Upstream):
     request: ChatCompletionRequest
     # The client's body as it came (unknown fields included), for pass-through upstreams.
     body: JSON
-    deployment: DeploymentConfig
-    api_key: SecretStr | None
-    timeout_s: float
-    request_id: str
-
-    @property
-    def secret(self) -> str:
-        return self.api_key.get_secret_value() if self.api_key else ""
 
 
-@dataclass(frozen=True, slots=True)
-class EmbedCall:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbedCall(Upstream):
     request: EmbeddingRequest
     body: JSON
-    deployment: DeploymentConfig
-    api_key: SecretStr | None
-    timeout_s: float
-    request_id: str
-
-    @property
-    def secret(self) -> str:
-        return self.api_key.get_secret_value() if self.api_key else ""
 
 
 class Provider(Protocol):

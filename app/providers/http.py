@@ -121,6 +121,34 @@ def transport_error(exc: BaseException, secret: str) -> GatewayError:
     return UpstreamError(sanitise(f"cannot reach upstream: {type(exc).__name__}", secret))
 
 
+@asynccontextmanager
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str | URL,
+    *,
+    headers: Mapping[str, str],
+    body: JSON,
+    limits: aiohttp.ClientTimeout,
+    reader: ErrorReader,
+    secret: str,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST JSON; the response if it succeeded, every failure as an `app.errors` type."""
+    try:
+        async with session.post(
+            url,
+            data=orjson.dumps(body),
+            headers={**headers, "content-type": "application/json"},
+            timeout=limits,
+        ) as resp:
+            if resp.status >= 400:
+                raise await status_error(resp, reader, secret)
+            yield resp
+    except GatewayError:
+        raise
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise transport_error(e, secret) from e
+
+
 async def post_json(
     session: aiohttp.ClientSession,
     url: str | URL,
@@ -131,20 +159,11 @@ async def post_json(
     reader: ErrorReader,
     secret: str,
 ) -> JSON:
-    try:
-        async with session.post(
-            url,
-            data=orjson.dumps(body),
-            headers={**headers, "content-type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as resp:
-            if resp.status >= 400:
-                raise await status_error(resp, reader, secret)
-            raw = await resp.read()
-    except GatewayError:
-        raise
-    except (TimeoutError, aiohttp.ClientError) as e:
-        raise transport_error(e, secret) from e
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with _post(
+        session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
+    ) as resp:
+        raw = await resp.read()
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -169,26 +188,17 @@ async def stream_lines(
     Reading whatever has arrived and splitting it here costs one await per network read
     instead of one per line; the timeout bounds each wait for data.
     """
-    try:
-        async with session.post(
-            url,
-            data=orjson.dumps(body),
-            headers={**headers, "content-type": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=timeout_s),
-        ) as resp:
-            if resp.status >= 400:
-                raise await status_error(resp, reader, secret)
-            pending = b""
-            async for block in resp.content.iter_any():
-                *lines, pending = (pending + block).split(b"\n")
-                if lines:
-                    yield lines
-            if pending:
-                yield [pending]
-    except GatewayError:
-        raise
-    except (TimeoutError, aiohttp.ClientError) as e:
-        raise transport_error(e, secret) from e
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_s)
+    async with _post(
+        session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
+    ) as resp:
+        pending = b""
+        async for block in resp.content.iter_any():
+            *lines, pending = (pending + block).split(b"\n")
+            if lines:
+                yield lines
+        if pending:
+            yield [pending]
 
 
 async def sse_data(
