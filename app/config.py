@@ -72,10 +72,21 @@ class Settings(BaseSettings):
     langsmith_api_key: SecretStr | None = None
     langsmith_project: str | None = None
 
-    @field_validator("redis_url", "database_url", "flywheel_master_key", mode="before")
+    @field_validator(
+        "redis_url",
+        "database_url",
+        "flywheel_master_key",
+        "flywheel_config",
+        "otel_exporter_otlp_endpoint",
+        "langsmith_api_key",
+        "langsmith_project",
+        *PROVIDER_KEY_FIELDS,
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+        # `KEY=` in .env or compose's `${KEY:-}` means "not set", never "set to nothing".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _master_key_outside_dev(self) -> Settings:

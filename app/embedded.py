@@ -144,11 +144,19 @@ def run(settings: Settings, migrate: Callable[[str], None]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if settings.redis_url is None:
-            redis, env["REDIS_URL"] = start_redis(var_dir, env)
+            try:
+                redis, env["REDIS_URL"] = start_redis(var_dir, env)
+            except EmbeddedError as e:
+                print(f"flywheel: {e}", file=sys.stderr)
+                return 1
             children.append(("redis", redis))
             print(f"flywheel: embedded redis on {env['REDIS_URL']}", file=sys.stderr)
         env.setdefault("DATABASE_URL", settings.database_dsn)
-        migrate(env["DATABASE_URL"])
+        try:
+            migrate(settings.database_dsn)
+        except Exception as e:  # noqa: BLE001 - any failure here ends the run, said plainly
+            print(f"flywheel: migrations failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         bin_dir = Path(sys.executable).parent
         children.append(
             (

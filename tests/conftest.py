@@ -63,6 +63,9 @@ def key_prefix(redis_url: str) -> Iterator[str]:
     yield prefix
     client = sync_redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if redis_url.endswith("/15"):
+        # arq names its own job keys (arq:job:…, arq:result:…); DB 15 is the tests' own.
+        keys += list(client.scan_iter(match="arq:*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
@@ -209,6 +212,8 @@ async def gateway(
         **{
             "gpt-fake": openai_route(openai_upstream.url),
             "slow": openai_route(openai_upstream.url, "slow-3000", timeout_s=0.5),
+            "slow-long": openai_route(openai_upstream.url, "slow-5000"),
+            "weird": openai_route(openai_upstream.url, "weird"),
             "fails-429": openai_route(openai_upstream.url, "fail-429"),
             "fails-500": openai_route(openai_upstream.url, "fail-500"),
             "fails-400": openai_route(openai_upstream.url, "fail-400"),

@@ -7,7 +7,7 @@ is kept for pass-through to OpenAI-compatible upstreams.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -20,14 +20,22 @@ from app.errors import InvalidRequestError, PayloadTooLargeError, validation_err
 T = TypeVar("T")
 
 
-async def receive_chunks(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body straight from ASGI `receive`, for the fast path."""
+async def receive_chunks(
+    receive: Receive, on_end: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
+    """The request body straight from ASGI `receive`, for the fast path.
+
+    `on_end` runs once the whole body is in: from then on `receive` only ever says
+    whether the client is still there.
+    """
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         yield message.get("body", b"")
         if not message.get("more_body", False):
+            if on_end is not None:
+                on_end()
             return
 
 

@@ -7,6 +7,7 @@ any server that bypasses the fast path.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -56,6 +57,11 @@ async def handle(
     except GatewayError as e:
         exchange.record(state.recorder, status=e.status, error_code=e.code)
         e.headers.update(exchange.headers())
+        raise
+    except asyncio.CancelledError:
+        # The client went away before the answer (the fast path cancels us): the
+        # upstream call has been cancelled with us; what it cost is unknown but noted.
+        exchange.record(state.recorder, status=499, disconnected=True)
         raise
     result["id"] = rid
     choices = result.get("choices") or [{}]

@@ -11,6 +11,7 @@ and every non-POST method, goes through FastAPI as usual.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -50,15 +51,58 @@ class Gateway(FastAPI):
     async def _fast(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         rid = new_request_id(scope["path"])
         state: AppState = self.state.flywheel
+        watcher = _DisconnectWatcher(receive)
         try:
-            source = receive_chunks(receive)
+            source = receive_chunks(receive, on_end=watcher.start)
             response = await handler(state, rid, source, _content_length(scope))
         except GatewayError as e:
             response = error_response(e)
         except ClientDisconnect:
             return
+        except asyncio.CancelledError:
+            if watcher.fired:
+                # The client left while the upstream was still working: it has been
+                # cancelled (the handler recorded it); nobody is left to answer.
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                return
+            raise
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
             response = error_response(GatewayError("internal gateway error", code="internal_error"))
+        finally:
+            watcher.stop()
+        if watcher.fired:
+            return  # the client left as the answer came: nobody to send it to
         response.headers["x-request-id"] = rid
         await response(scope, receive, send)
+
+
+class _DisconnectWatcher:
+    """Cancels the request's task if the client disconnects before the response starts.
+
+    Started only once the body is read, so it never takes body messages from the
+    handler; stopped before the response is sent (a streaming response listens for
+    disconnects itself).
+    """
+
+    __slots__ = ("_receive", "_request", "_task", "fired")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._request = asyncio.current_task()
+        self._task: asyncio.Task[None] | None = None
+        self.fired = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and self._request is not None:
+            self.fired = True
+            self._request.cancel()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None

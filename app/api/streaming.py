@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from app.errors import GatewayError, UpstreamError
 from app.providers.mock import estimate_tokens, prompt_tokens
 from app.schemas.chat import ChatCompletionRequest
 from app.store.records import Recorder
+
+log = logging.getLogger("flywheel.stream")
 
 DONE = b"data: [DONE]\n\n"
 
@@ -87,6 +90,13 @@ async def sse_body(
     except GatewayError as e:
         status, error_code = e.status, e.code
         yield sse(e.body())
+        yield DONE
+    except Exception:
+        # A bug must still end the stream the way clients expect: an error event, [DONE].
+        log.exception("stream %s failed", exchange.request_id)
+        err = UpstreamError("the stream failed inside the gateway", code="internal_error")
+        status, error_code = 500, err.code
+        yield sse(err.body())
         yield DONE
     except (asyncio.CancelledError, GeneratorExit):
         disconnected = True

@@ -66,6 +66,22 @@ def unsupported_embeddings(provider: str) -> InvalidRequestError:
     )
 
 
+def well_formed(obj: JSON, *, part: str) -> bool:
+    """Does an upstream object have OpenAI's shape where the gateway reads it?
+
+    `part` is "message" for a completion, "delta" for a stream chunk. Pass-through
+    upstreams are checked with this, so a malformed answer is a 502, not a crash.
+    """
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get(part, {}), dict):
+            return False
+    usage = obj.get("usage")
+    return usage is None or isinstance(usage, dict)
+
+
 def completion(
     *,
     model: str,

@@ -159,7 +159,8 @@ async def post_json(
     reader: ErrorReader,
     secret: str,
 ) -> JSON:
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    # A per-request timeout replaces the session's whole: keep its connect bound.
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=session.timeout.sock_connect)
     async with _post(
         session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
     ) as resp:
@@ -188,7 +189,12 @@ async def stream_lines(
     Reading whatever has arrived and splitting it here costs one await per network read
     instead of one per line; the timeout bounds each wait for data.
     """
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_s)
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=timeout_s,
+        sock_connect=session.timeout.sock_connect,
+        sock_read=timeout_s,
+    )
     async with _post(
         session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
     ) as resp:

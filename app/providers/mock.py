@@ -217,21 +217,31 @@ class MockProvider:
         params = call.deployment.mock or MockParams()
         await asyncio.sleep(params.latency_ms / 4000)
         dims = call.request.dimensions or EMBEDDING_DIMENSIONS
-        data = []
-        total = 0
-        for index, text in enumerate(call.request.texts):
-            total += estimate_tokens(text)
-            vector = _vector(f"{params.seed}:{text}", dims)
-            encoded: Any = vector
-            if call.request.encoding_format == "base64":
-                encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
-            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        texts = call.request.texts
+        b64 = call.request.encoding_format == "base64"
+        # Large batches are CPU work: off the event loop.
+        if len(texts) * dims > 50_000:
+            data = await asyncio.to_thread(_embeddings, texts, dims, params.seed, b64)
+        else:
+            data = _embeddings(texts, dims, params.seed, b64)
+        total = sum(estimate_tokens(t) for t in texts)
         return {
             "object": "list",
             "data": data,
             "model": call.deployment.model,
             "usage": {"prompt_tokens": total, "total_tokens": total},
         }
+
+
+def _embeddings(texts: list[str], dims: int, seed: int, b64: bool) -> list[JSON]:
+    data: list[JSON] = []
+    for index, text in enumerate(texts):
+        vector = _vector(f"{seed}:{text}", dims)
+        encoded: Any = vector
+        if b64:
+            encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return data
 
 
 def _vector(key: str, dims: int) -> list[float]:

@@ -12,7 +12,7 @@ import aiohttp
 from yarl import URL
 
 from app.errors import UpstreamError, sanitise
-from app.providers.base import JSON, ChatCall, EmbedCall
+from app.providers.base import JSON, ChatCall, EmbedCall, well_formed
 from app.providers.http import (
     open_sse,
     openai_error_reader,
@@ -42,7 +42,7 @@ class OpenAIProvider:
     async def complete(self, call: ChatCall) -> JSON:
         body = {**call.body, "model": call.deployment.model, "stream": False}
         body.pop("stream_options", None)
-        return await post_json(
+        result = await post_json(
             self._session,
             self._url(call.deployment.api_base, "/chat/completions"),
             headers=self._headers(call.secret),
@@ -51,13 +51,17 @@ class OpenAIProvider:
             reader=openai_error_reader,
             secret=call.secret,
         )
+        if not well_formed(result, part="message"):
+            raise UpstreamError("upstream answered with an unexpected shape")
+        return result
 
     async def stream(self, call: ChatCall) -> AsyncIterator[JSON]:
         body = {**call.body, "model": call.deployment.model, "stream": True}
         if call.deployment.stream_usage:
             # Always ask for usage so the gateway can account it; the gateway drops the
             # usage chunk again when the client did not ask for it.
-            body["stream_options"] = {**body.get("stream_options", {}), "include_usage": True}
+            options = body.get("stream_options") or {}
+            body["stream_options"] = {**options, "include_usage": True}
         async with open_sse(
             self._session,
             self._url(call.deployment.api_base, "/chat/completions"),
@@ -75,6 +79,8 @@ class OpenAIProvider:
                     message, _, _ = openai_error_reader(parsed)
                     detail = sanitise(message or "unknown", call.secret)
                     raise UpstreamError(f"upstream stream error: {detail}")
+                if not well_formed(parsed, part="delta"):
+                    raise UpstreamError("upstream sent a stream chunk of an unexpected shape")
                 yield parsed
         raise UpstreamError("upstream stream ended before [DONE]", code="stream_interrupted")
 

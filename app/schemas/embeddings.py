@@ -11,9 +11,10 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's own limits: at most 2048 inputs, vectors of at most 3072 dimensions.
+    input: str | list[str] | list[int] | list[list[int]] = Field(max_length=2048)
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1, le=4096)
     user: str | None = None
 
     @property

@@ -76,6 +76,7 @@ class Recorder:
         self._interval_s = interval_s
         self._buffer: deque[RequestRecord] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
         self.dropped = 0
         self.shipped = 0
 
@@ -104,11 +105,16 @@ class Recorder:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        # The lock waits for a flush the cancel interrupted (it is shielded), then drains.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), drain_timeout_s)
 
     async def flush(self) -> bool:
         """Ship everything buffered; False (records kept) when Redis fails."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         assert self._redis is not None
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), BATCH_MAX))]
@@ -132,5 +138,6 @@ class Recorder:
         backoff = self._interval_s
         while True:
             await asyncio.sleep(backoff)
-            shipped = await self.flush()
+            # Shielded: stopping must not drop a batch already taken from the buffer.
+            shipped = await asyncio.shield(self.flush())
             backoff = self._interval_s if shipped else min(backoff * 2, 5.0)

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.server import FakeServer, FakeState, fault_of, remember
+from tests.fakes.server import FakeServer, FakeState, fault_of, remember, wait_or_disconnect
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -68,8 +68,10 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
     kind, value = fault_of(str(body.get("model", "")))
     if kind == "fail":
         return _error(value, f"fake failure {value}")
-    if kind == "slow":
-        await asyncio.sleep(value / 1000)
+    if kind == "slow" and not await wait_or_disconnect(state, request, value / 1000):
+        return web.Response(status=499)
+    if kind == "weird":
+        return await _weird(request, body)
     calls = _tool_calls(body)
     text = "" if calls else answer_text(body)
     finish = "tool_calls" if calls else "stop"
@@ -166,6 +168,19 @@ async def _stream(
         raise
     finally:
         state.closed_streams += 1
+    return resp
+
+
+async def _weird(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """Valid JSON of the wrong shape: choices that are not objects, deltas that are not."""
+    if not body.get("stream"):
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": ["oops"]})
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_chunk(body, {"role": "assistant", "content": ""}))
+    bad = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": "oops"}]}
+    await resp.write(b"data: " + json.dumps(bad).encode() + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
     return resp
 
 

@@ -11,6 +11,7 @@ serves every behaviour at once:
   cut-<n>         stream n content chunks, then drop the connection
   malformed       stream one good chunk, then a chunk that is not JSON
   drip-<ms>       stream chunks <ms> apart, many of them (for disconnect tests)
+  weird           valid JSON of the wrong shape (choices / deltas that are not objects)
 anything else     a normal answer
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +55,8 @@ def fault_of(model: str) -> tuple[str, int]:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model == "malformed":
-        return "malformed", 0
+    if model in ("malformed", "weird"):
+        return model, 0
     return "", 0
 
 
@@ -100,6 +102,18 @@ class FakeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def wait_or_disconnect(state: FakeState, request: web.Request, seconds: float) -> bool:
+    """Sleep like a slow upstream, but notice (and note) a caller that hangs up: False."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            state.disconnects.append(time.monotonic())
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def remember(state: FakeState, request: web.Request) -> Any:

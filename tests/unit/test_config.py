@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings, normalise_database_url
-from app.routing.config import RoutesFileError, default_routes, load_routes_file
+from app.routing.config import RoutesFileError, default_routes, load_routes, load_routes_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,10 +29,25 @@ def test_every_setting_is_in_env_example() -> None:
 
 
 def test_env_example_parses_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [f for f in Settings.model_fields if f.endswith("_api_key")]:
+        monkeypatch.delenv(name.upper(), raising=False)
     s = Settings(_env_file=ROOT / ".env.example")  # type: ignore[call-arg]
     assert s.flywheel_env == "dev"
     assert s.redis_url is None
     assert s.database_url is None
+    assert s.flywheel_config is None
+    assert s.openai_api_key is None
+    # Blank keys are unset: only the demo route, no example route without a key.
+    assert set(load_routes(s).routes) == {"demo"}
+
+
+def test_blank_values_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "  ")
+    monkeypatch.setenv("FLYWHEEL_CONFIG", "")
+    s = settings()
+    assert s.openai_api_key is None
+    assert s.routes_path is None or s.routes_path.is_file()
+    assert s.provider_key("OPENAI_API_KEY") is None
 
 
 @pytest.mark.parametrize("env", ["staging", "prod"])

@@ -48,8 +48,9 @@ def test_dockerfile_runs_the_production_commands() -> None:
     assert "$PORT" in text
     assert "HEALTHCHECK" in text
     assert "/health" in text
-    for path in ("app", "workers", "migrations", "alembic.ini"):
-        assert f"COPY {path}" in text or path in text
+    copied = [line.split()[1:-1] for line in text.splitlines() if line.startswith("COPY ")]
+    sources = {src for srcs in copied for src in srcs}
+    assert {"app", "workers", "migrations", "alembic.ini", "pyproject.toml"} <= sources
 
 
 def test_ci_runs_make_test() -> None:
