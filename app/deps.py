@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.errors import AuthenticationError, PermissionDeniedError
 from app.state import AppState
 
 
@@ -21,3 +23,20 @@ def request_id(request: Request) -> str:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def require_admin(request: Request, state: StateDep) -> None:
+    """Admin endpoints take the master key as a bearer token."""
+    master = state.settings.flywheel_master_key
+    if master is None:
+        raise PermissionDeniedError(
+            "admin endpoints are off: set FLYWHEEL_MASTER_KEY", code="admin_disabled"
+        )
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.encode(), master.get_secret_value().encode()
+    ):
+        raise AuthenticationError("admin endpoints need the master key as a bearer token")
+
+
+AdminDep = Depends(require_admin)

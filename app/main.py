@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api import chat, embeddings, health, models
+from app.api import admin, chat, embeddings, health, models
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
 from app.config import Settings
@@ -24,6 +24,7 @@ from app.errors import install_error_handlers
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile, load_routes
+from app.routing.dispatch import Dispatcher
 from app.routing.router import Router
 from app.schemas.chat import ChatCompletionRequest
 from app.schemas.embeddings import EmbeddingRequest
@@ -50,10 +51,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = make_redis(settings)
     recorder = Recorder(redis, key(settings, "requests"))
     recorder.start()
+    router = Router(routes, settings)
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,
-        router=Router(routes, settings),
+        router=router,
+        dispatcher=Dispatcher(router),
         providers=ProviderRegistry(http),
         http=http,
         redis=redis,
@@ -96,7 +99,7 @@ def create_app(settings: Settings | None = None, routes: RoutesFile | None = Non
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)
     install_error_handlers(app)
-    for module in (chat, embeddings, models, health):
+    for module in (chat, embeddings, models, health, admin):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.config import Settings
 from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile
+from app.routing.dispatch import Dispatcher
 from app.routing.router import Router
 from app.store.records import Recorder
 
@@ -20,6 +21,7 @@ class AppState:
     settings: Settings
     routes: RoutesFile
     router: Router
+    dispatcher: Dispatcher
     providers: ProviderRegistry
     http: aiohttp.ClientSession
     redis: Redis | None

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -144,9 +144,12 @@ def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
             f"  gateway up on {gateway.url}: cold start {cold:.3f} s (median), "
             f"idle RSS {run.fig['rss.idle_mb']:.1f} MB"
         )
+    steal = steal_share()
     try:
         run.load(gateway)
         run.time_to_first_token(gateway)
+        run.fig["cpu_steal_pct"] = steal()
+        progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
         if gateway is not None:
             run.fig["rss.after_load_mb"] = gateway.rss_mb()
     finally:
@@ -154,6 +157,26 @@ def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
             procs.stop(gateway.proc)
     report.add_derived(run.fig)
     return run.fig
+
+
+def steal_share() -> Callable[[], float]:
+    """Start measuring the share of CPU time the hypervisor took (/proc/stat `steal`).
+
+    On a shared virtual machine this is the noise: a run with a high steal share is
+    slower for reasons outside the gateway, and is reported so it can be discounted.
+    """
+
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[7] if len(fields) > 7 else 0, sum(fields)
+
+    steal0, total0 = read()
+
+    def done() -> float:
+        steal1, total1 = read()
+        return 100.0 * (steal1 - steal0) / max(1, total1 - total0)
+
+    return done
 
 
 def tool_versions(nginx: str, wrk_bin: str) -> dict[str, str]:
@@ -238,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.ttft_requests} TTFT requests per side"
     )
     print(report.render(med, len(runs)))
+    steals = ", ".join(f"{r.get('cpu_steal_pct', 0.0):.0f}%" for r in runs)
+    print(f"\nCPU stolen by the host, per run: {steals} (noise outside the gateway)")
     print(
         f"\n(wall time {time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs; "
         "nginx, wrk and the gateway share them)"

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.body import openapi_body, read_json_object, validate
+from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
+from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import first_chunk, sse_body
 from app.deps import StateDep, request_id
 from app.errors import GatewayError
-from app.providers.base import ChatCall, Provider
+from app.providers.base import JSON, ChatCall
+from app.routing.router import Target
 from app.schemas.chat import CHAT_REQUEST, ChatCompletionRequest
 from app.state import AppState
-from app.store.records import Recorder
 
 router = APIRouter()
 
@@ -31,29 +33,45 @@ PATH = "/v1/chat/completions"
 
 
 async def handle(
-    state: AppState, rid: str, source: AsyncIterator[bytes], length: str | None
+    state: AppState, rid: str, source: AsyncIterator[bytes], headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "chat.completions")
     try:
+        length = headers.get("content-length")
         body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
-        exchange.target = target = state.router.pick(chat.model)
-        call = ChatCall(
-            request=chat,
-            body=body,
-            deployment=target.deployment,
-            api_key=target.api_key,
-            timeout_s=target.timeout_s,
-            request_id=rid,
-        )
-        provider = state.providers.get(target.deployment.provider)
-        exchange.attempts = 1
+        route = resolve_route(state, chat, headers)
+        deadline, client_set = request_deadline(state, route, headers)
+        if state.router.route(route).ensemble is not None:
+            return await run_ensemble(state, route, chat, body, exchange, deadline)
+        provider_of = state.providers.get
+
+        def call(target: Target) -> ChatCall:
+            exchange.target = target
+            return ChatCall(
+                request=chat,
+                body=body,
+                deployment=target.deployment,
+                api_key=target.api_key,
+                timeout_s=target.timeout_s,
+                request_id=rid,
+            )
+
         if chat.stream:
-            return await _stream(call, chat, exchange, state.recorder, provider)
+            return await _stream(state, route, call, chat, exchange, deadline, client_set)
         sent = time.perf_counter()
-        result = await provider.complete(call)
+        won = await state.dispatcher.run(
+            route,
+            lambda t: provider_of(t.deployment.provider).complete(call(t)),
+            deadline=deadline,
+            count=exchange.count,
+            client_deadline=client_set,
+        )
+        won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent
+        exchange.target = won.target
+        result = won.value
     except GatewayError as e:
         exchange.record(state.recorder, status=e.status, error_code=e.code)
         e.headers.update(exchange.headers())
@@ -75,22 +93,46 @@ async def handle(
 
 
 async def _stream(
-    call: ChatCall,
+    state: AppState,
+    route: str,
+    call: Callable[[Target], ChatCall],
     chat: ChatCompletionRequest,
     exchange: Exchange,
-    recorder: Recorder,
-    provider: Provider,
+    deadline: float,
+    client_set: bool,
 ) -> Response:
+    async def attempt(target: Target) -> tuple[JSON, AsyncIterator[JSON]]:
+        upstream = state.providers.get(target.deployment.provider).stream(call(target))
+        return await first_chunk(upstream), upstream
+
+    async def discard(pair: tuple[JSON, AsyncIterator[JSON]]) -> None:
+        await pair[1].aclose()  # type: ignore[attr-defined]
+
     sent = time.perf_counter()
-    upstream = provider.stream(call)
-    first = await first_chunk(upstream)
+    won = await state.dispatcher.run(
+        route,
+        attempt,
+        deadline=deadline,
+        count=exchange.count,
+        discard=discard,
+        client_deadline=client_set,
+    )
+    exchange.target = won.target
     exchange.upstream_s = time.perf_counter() - sent
     exchange.ttft_s = time.perf_counter() - exchange.started
+    first, upstream = won.value
     headers = exchange.headers()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
     return StreamingResponse(
-        sse_body(first, upstream, request=chat, exchange=exchange, recorder=recorder),
+        sse_body(
+            first,
+            upstream,
+            request=chat,
+            exchange=exchange,
+            recorder=state.recorder,
+            lease=won.lease,
+        ),
         media_type="text/event-stream",
         headers=headers,
     )
@@ -98,5 +140,4 @@ async def _stream(
 
 @router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])
 async def chat_completions(request: Request, state: StateDep) -> Response:
-    length = request.headers.get("content-length")
-    return await handle(state, request_id(request), request.stream(), length)
+    return await handle(state, request_id(request), request.stream(), request.headers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
@@ -11,9 +11,11 @@ from fastapi.responses import Response
 
 from app.api.body import openapi_body, read_json_object, validate
 from app.api.exchange import Exchange
+from app.api.routing import request_deadline
 from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
-from app.providers.base import EmbedCall
+from app.providers.base import JSON, EmbedCall
+from app.routing.router import Target
 from app.schemas.embeddings import EMBEDDING_REQUEST
 from app.state import AppState
 
@@ -23,29 +25,43 @@ PATH = "/v1/embeddings"
 
 
 async def handle(
-    state: AppState, rid: str, source: AsyncIterator[bytes], length: str | None
+    state: AppState, rid: str, source: AsyncIterator[bytes], headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "embeddings")
     try:
+        length = headers.get("content-length")
         body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
         if not req.texts or any(t == "" for t in req.texts):
             raise InvalidRequestError(
                 "input must not be empty", param="input", code="invalid_value"
             )
-        exchange.target = target = state.router.pick(req.model)
-        call = EmbedCall(
-            request=req,
-            body=body,
-            deployment=target.deployment,
-            api_key=target.api_key,
-            timeout_s=target.timeout_s,
-            request_id=rid,
-        )
-        exchange.attempts = 1
+        deadline, client_set = request_deadline(state, req.model, headers)
+
+        def attempt(target: Target) -> Awaitable[JSON]:
+            exchange.target = target
+            call = EmbedCall(
+                request=req,
+                body=body,
+                deployment=target.deployment,
+                api_key=target.api_key,
+                timeout_s=target.timeout_s,
+                request_id=rid,
+            )
+            return state.providers.get(target.deployment.provider).embed(call)
+
         sent = time.perf_counter()
-        result = await state.providers.get(target.deployment.provider).embed(call)
+        won = await state.dispatcher.run(
+            req.model,
+            attempt,
+            deadline=deadline,
+            count=exchange.count,
+            client_deadline=client_set,
+        )
+        won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent
+        exchange.target = won.target
+        result = won.value
     except GatewayError as e:
         exchange.record(state.recorder, status=e.status, error_code=e.code)
         e.headers.update(exchange.headers())
@@ -56,5 +72,4 @@ async def handle(
 
 @router.post(PATH, openapi_extra=openapi_body("EmbeddingRequest"), tags=["openai"])
 async def embeddings(request: Request, state: StateDep) -> Response:
-    length = request.headers.get("content-length")
-    return await handle(state, request_id(request), request.stream(), length)
+    return await handle(state, request_id(request), request.stream(), request.headers)

@@ -22,6 +22,10 @@ class Exchange:
     upstream_s: float = 0.0
     ttft_s: float | None = None
 
+    def count(self) -> None:
+        """One more upstream attempt (retries, fallbacks and hedges included)."""
+        self.attempts += 1
+
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000)
 

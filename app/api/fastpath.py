@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -28,15 +28,13 @@ from app.state import AppState
 
 log = logging.getLogger("flywheel.http")
 
-Handler = Callable[[AppState, str, AsyncIterator[bytes], str | None], Awaitable[Response]]
+Handler = Callable[[AppState, str, AsyncIterator[bytes], Mapping[str, str]], Awaitable[Response]]
 FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.handle}
 
 
-def _content_length(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return str(value.decode("latin-1"))
-    return None
+def _headers(scope: Scope) -> dict[str, str]:
+    # ASGI gives header names in lower case already.
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 class Gateway(FastAPI):
@@ -54,7 +52,7 @@ class Gateway(FastAPI):
         watcher = _DisconnectWatcher(receive)
         try:
             source = receive_chunks(receive, on_end=watcher.start)
-            response = await handler(state, rid, source, _content_length(scope))
+            response = await handler(state, rid, source, _headers(scope))
         except GatewayError as e:
             response = error_response(e)
         except ClientDisconnect:

@@ -60,10 +60,13 @@ async def _database(state: AppState) -> dict[str, Any]:
 
 
 def _deployments(state: AppState) -> list[dict[str, Any]]:
+    live = {(d["route"], d["deployment"]): d for d in state.router.snapshot()}
     out = []
     for name, route in state.routes.routes.items():
         for d in route.deployments:
             reason = state.router.disabled.get(f"{name}/{d.name}")
+            runtime = live.get((name, d.name), {})
+            circuit = runtime.get("circuit", {})
             out.append(
                 {
                     "route": name,
@@ -71,7 +74,10 @@ def _deployments(state: AppState) -> list[dict[str, Any]]:
                     "provider": d.provider,
                     "enabled": reason is None,
                     "disabled_reason": reason,
-                    "circuit": "closed",
+                    "circuit": circuit.get("state", "closed")
+                    if isinstance(circuit, dict)
+                    else None,
+                    "concurrency": runtime.get("concurrency"),
                 }
             )
     return out

@@ -20,6 +20,8 @@ import orjson
 from app.api.exchange import Exchange
 from app.errors import GatewayError, UpstreamError
 from app.providers.mock import estimate_tokens, prompt_tokens
+from app.routing.dispatch import Lease
+from app.routing.failures import Failure
 from app.schemas.chat import ChatCompletionRequest
 from app.store.records import Recorder
 
@@ -68,6 +70,7 @@ async def sse_body(
     request: ChatCompletionRequest,
     exchange: Exchange,
     recorder: Recorder,
+    lease: Lease,
 ) -> AsyncIterator[bytes]:
     tally = _Tally()
     wants_usage = request.wants_usage_in_stream
@@ -102,6 +105,12 @@ async def sse_body(
         disconnected = True
         raise
     finally:
+        if complete:
+            lease.succeeded(ttfb_s=exchange.ttft_s)
+        elif disconnected:
+            lease.abandoned()
+        else:
+            lease.failed(Failure.UPSTREAM)
         usage = tally.usage
         estimated = usage is None
         if usage is None:

@@ -51,14 +51,75 @@ class DeploymentConfig(_Strict):
     mock: MockParams | None = None
 
 
-class RouteConfig(_Strict):
-    strategy: Strategy = "weighted"
-    deployments: list[DeploymentConfig] = Field(min_length=1)
-    fallbacks: list[str] = Field(default_factory=list)
-    timeout_s: float | None = Field(default=None, gt=0)
+class BreakerConfig(_Strict):
+    window_s: float = Field(default=30.0, gt=0)
+    min_requests: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    cooldown_s: float = Field(default=10.0, gt=0)
+    max_cooldown_s: float = Field(default=300.0, gt=0)
+    probes: int = Field(default=2, ge=1)
+
+
+class ConcurrencyConfig(_Strict):
+    # false: no gateway-side limit (the upstream's own 429s are all there is).
+    adaptive: bool = True
+    initial: float = Field(default=16, ge=1)
+    minimum: float = Field(default=1, ge=1)
+    maximum: float = Field(default=512, ge=1)
+    latency_threshold_s: float = Field(default=5.0, gt=0)
+    # A request over the limit waits up to this many times the typical latency.
+    max_wait_factor: float = Field(default=3.0, ge=0)
+
+
+class HedgeConfig(_Strict):
+    enabled: bool = True
+    # Hedge when the first byte is later than this quantile of recent first-byte times.
+    quantile: float = Field(default=0.95, gt=0, lt=1)
+    min_delay_ms: float = Field(default=10.0, ge=0)
+
+
+class RuleConfig(_Strict):
+    """Send the request to `route` when every condition given holds."""
+
+    route: str
+    prompt_tokens_over: int | None = Field(default=None, ge=0)
+    metadata: dict[str, str] | None = None
+    header: dict[str, str] | None = None
 
     @model_validator(mode="after")
-    def _unique_deployments(self) -> RouteConfig:
+    def _has_condition(self) -> RuleConfig:
+        if self.prompt_tokens_over is None and not self.metadata and not self.header:
+            raise ValueError("a rule needs prompt_tokens_over, metadata or header")
+        return self
+
+
+EnsembleStrategy = Literal["first_success", "voting", "best_of_n", "concatenate", "ensemble"]
+
+
+class EnsembleConfig(_Strict):
+    strategy: EnsembleStrategy
+    members: list[str] = Field(min_length=2)
+
+
+class RouteConfig(_Strict):
+    strategy: Strategy = "weighted"
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0)
+    # Attempts after the first, across the route's deployments, before its fallbacks.
+    retries: int = Field(default=2, ge=0, le=10)
+    rules: list[RuleConfig] = Field(default_factory=list)
+    hedging: HedgeConfig | None = None
+    ensemble: EnsembleConfig | None = None
+    breaker: BreakerConfig = BreakerConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
+
+    @model_validator(mode="after")
+    def _deployments_or_ensemble(self) -> RouteConfig:
+        if self.ensemble is None and not self.deployments:
+            raise ValueError("a route needs deployments (or an ensemble of routes)")
+        if self.ensemble is not None and self.deployments:
+            raise ValueError("an ensemble route lists member routes, not deployments")
         names = [d.name for d in self.deployments]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -70,13 +131,21 @@ class RoutesFile(_Strict):
     routes: dict[str, RouteConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _fallbacks_exist(self) -> RoutesFile:
+    def _references_exist(self) -> RoutesFile:
         for name, route in self.routes.items():
             for target in route.fallbacks:
                 if target not in self.routes:
                     raise ValueError(f"route {name!r} falls back to unknown route {target!r}")
                 if target == name:
                     raise ValueError(f"route {name!r} falls back to itself")
+            for rule in route.rules:
+                if rule.route not in self.routes or rule.route == name:
+                    raise ValueError(f"route {name!r} has a rule to unknown route {rule.route!r}")
+            for member in route.ensemble.members if route.ensemble else []:
+                if member not in self.routes or self.routes[member].ensemble is not None:
+                    raise ValueError(
+                        f"ensemble {name!r} has member {member!r}, which is not a plain route"
+                    )
         return self
 
 

@@ -1,8 +1,8 @@
 """Adaptive (AIMD) concurrency limits per deployment.
 
-The limit grows by about one for every `limit` successes and halves on a 429, a 5xx or
-a latency over the threshold (at most once per `decrease_gap_s`, so one burst of errors
-is one decrease, not a collapse to the floor). A request over the limit waits a bounded
+The limit grows by about one for every `limit` successes and shrinks to 90% of what
+was in flight when a 429, a 5xx or a latency over the threshold arrives (so one burst of
+errors is one step down, not a collapse to the floor). A request over the limit waits a bounded
 time for a slot; the caller then tries another deployment, or answers 429/503 with
 Retry-After. Upstream pacing hints (`retry-after`, `x-ratelimit-remaining-requests` at 0)
 pause the deployment until the time they name, before it starts answering 429.
@@ -17,30 +17,35 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+SLOW_GROWTH = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class LimiterPolicy:
+    adaptive: bool = True
     initial: float = 16.0
     minimum: float = 1.0
     maximum: float = 512.0
     latency_threshold_s: float = 5.0
-    decrease_factor: float = 0.5
-    decrease_gap_s: float = 0.5
+    decrease_factor: float = 0.9
+    decrease_gap_s: float = 0.05
 
 
 class ConcurrencyLimiter:
     def __init__(self, policy: LimiterPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
-        self.limit = policy.initial
+        self.limit = policy.initial if policy.adaptive else float("inf")
         self.in_flight = 0
         self.paused_until = 0.0
         self.rejected = 0
         self._clock = clock
         self._last_decrease = -1e9
+        # The in-flight level where the upstream last pushed back: growth slows near it.
+        self._ceiling: float | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     def _has_room(self) -> bool:
-        return self.in_flight < int(self.limit) and self._clock() >= self.paused_until
+        return self.in_flight < self.limit and self._clock() >= self.paused_until
 
     def try_acquire(self) -> bool:
         if self._has_room() and not self._waiters:
@@ -72,14 +77,29 @@ class ConcurrencyLimiter:
 
     def release(self, *, ok: bool, overloaded: bool = False, latency_s: float = 0.0) -> None:
         """Return the slot; `overloaded` is a 429 or 5xx from the upstream."""
+        in_flight = self.in_flight
         self.in_flight = max(0, self.in_flight - 1)
+        if not self.policy.adaptive:
+            self._wake()
+            return
         now = self._clock()
         if overloaded or latency_s > self.policy.latency_threshold_s:
-            if now - self._last_decrease >= self.policy.decrease_gap_s:
-                self.limit = max(self.policy.minimum, self.limit * self.policy.decrease_factor)
+            # Multiplicative decrease, from what was in flight when the upstream pushed
+            # back (that is where its capacity showed) rather than from the limit, which
+            # may be far above it; a burst of errors from one overload is one step.
+            if now - self._last_decrease >= self.policy.decrease_gap_s or in_flight < self.limit:
+                target = max(in_flight, 1) * self.policy.decrease_factor
+                self.limit = max(self.policy.minimum, min(self.limit, target))
+                self._ceiling = float(max(in_flight, 1))
                 self._last_decrease = now
         elif ok:
-            self.limit = min(self.policy.maximum, self.limit + 1.0 / max(self.limit, 1.0))
+            step = 1.0 / max(self.limit, 1.0)
+            if self._ceiling is not None:
+                if self.limit >= self._ceiling:
+                    self._ceiling = None  # past it without complaint: capacity grew
+                elif self.limit >= self._ceiling * self.policy.decrease_factor:
+                    step *= SLOW_GROWTH  # near the known edge: creep, do not jump
+            self.limit = min(self.policy.maximum, self.limit + step)
         self._wake()
 
     def pause(self, seconds: float) -> None:
@@ -89,14 +109,16 @@ class ConcurrencyLimiter:
         loop.call_later(seconds, self._wake)
 
     def _wake(self) -> None:
-        free = int(self.limit) - self.in_flight
+        free = (
+            len(self._waiters) if self.limit == float("inf") else int(self.limit) - self.in_flight
+        )
         for waiter in list(self._waiters)[: max(free, 0)]:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def snapshot(self) -> dict[str, float | int]:
+    def snapshot(self) -> dict[str, float | int | None]:
         return {
-            "limit": round(self.limit, 2),
+            "limit": round(self.limit, 2) if self.policy.adaptive else None,
             "in_flight": self.in_flight,
             "rejected": self.rejected,
             "paused_for_s": round(max(0.0, self.paused_until - self._clock()), 2),

@@ -41,14 +41,13 @@ def chat_body(model: str = "gpt-fake", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
 
 
-async def post(gw: Served, body: Any, **kw: Any) -> httpx.Response:
+async def post(gw: Served, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
         content = body if isinstance(body, bytes) else orjson.dumps(body)
         return await client.post(
             "/v1/chat/completions",
             content=content,
-            headers={"content-type": "application/json"},
-            **kw,
+            headers={"content-type": "application/json", **(headers or {})},
         )
 
 

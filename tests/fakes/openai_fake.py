@@ -65,9 +65,24 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
     body = await remember(state, request)
     if not request.headers.get("authorization", "").startswith("Bearer "):
         return _error(401, "Incorrect API key provided: sk-fake-leak-1234567890.")
-    kind, value = fault_of(str(body.get("model", "")))
-    if kind == "fail":
-        return _error(value, f"fake failure {value}")
+    model = str(body.get("model", ""))
+    kind, value = fault_of(model)
+    if kind == "cap":
+        return await _capped(state, request, body, model, value)
+    if kind == "fail" or (kind == "toggle" and model in state.failing):
+        return _error(value or 500, f"fake failure {value or 500}")
+    if kind == "ctx-exceeded":
+        body_ = {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+        return web.json_response(body_, status=400)
+    if kind == "lag":
+        await asyncio.sleep(state.lag_ms / 1000)
     if kind == "slow" and not await wait_or_disconnect(state, request, value / 1000):
         return web.Response(status=499)
     if kind == "weird":
@@ -169,6 +184,48 @@ async def _stream(
     finally:
         state.closed_streams += 1
     return resp
+
+
+async def _capped(
+    state: FakeState, request: web.Request, body: dict[str, Any], model: str, cap: int
+) -> web.StreamResponse:
+    """An upstream that can serve `cap` requests at once and says 429 past that."""
+    now = state.in_flight.get(model, 0) + 1
+    if now > cap:
+        state.rejected[model] = state.rejected.get(model, 0) + 1
+        err = {
+            "error": {
+                "message": "Rate limit reached",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        }
+        return web.json_response(err, status=429)
+    state.in_flight[model] = now
+    state.peak_in_flight[model] = max(state.peak_in_flight.get(model, 0), now)
+    try:
+        await asyncio.sleep(0.05)
+    finally:
+        state.in_flight[model] -= 1
+    text = answer_text(body)
+    return web.json_response(
+        {
+            "id": "chatcmpl-upstream",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _usage(body, text),
+        }
+    )
 
 
 async def _weird(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:

@@ -12,6 +12,10 @@ serves every behaviour at once:
   malformed       stream one good chunk, then a chunk that is not JSON
   drip-<ms>       stream chunks <ms> apart, many of them (for disconnect tests)
   weird           valid JSON of the wrong shape (choices / deltas that are not objects)
+  toggle-<name>   500 while the model is in `state.failing`, else a normal answer
+  lag             wait `state.lag_ms`, then a normal answer
+  cap-<n>         429 when more than n requests are in flight; 50 ms each
+  ctx-exceeded    400 context_length_exceeded, OpenAI's shape
 anything else     a normal answer
 """
 
@@ -45,18 +49,34 @@ class FakeState:
     closed_streams: int = 0
     # Set when a streaming connection closed before the fake finished writing.
     disconnects: list[float] = field(default_factory=list)
+    # Models named `toggle-…` answer 500 while they are in this set.
+    failing: set[str] = field(default_factory=set)
+    # Models named `lag` wait this long before answering.
+    lag_ms: float = 0.0
+    # Requests being answered now, per model (for `cap-<n>`).
+    in_flight: dict[str, int] = field(default_factory=dict)
+    peak_in_flight: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def count(self, model: str) -> int:
+        """How many requests for `model` this fake has received."""
+        return sum(
+            1 for s in self.seen if isinstance(s.body, dict) and s.body.get("model") == model
+        )
 
 
 def fault_of(model: str) -> tuple[str, int]:
     """('fail', 429), ('slow', 300), ('cut', 3), ('malformed', 0), ('drip', 50) or ('', 0)."""
-    for kind in ("fail", "slow", "cut", "drip"):
+    for kind in ("fail", "slow", "cut", "drip", "cap"):
         if model.startswith(kind + "-"):
             try:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model in ("malformed", "weird"):
+    if model in ("malformed", "weird", "lag", "ctx-exceeded"):
         return model, 0
+    if model.startswith("toggle-"):
+        return "toggle", 0
     return "", 0
 
 

@@ -106,7 +106,10 @@ def test_example_routes_file_is_valid() -> None:
     [
         ("routes: [1, 2", "not valid YAML"),
         ("routes: {}", "routes"),
-        ("routes:\n  r:\n    deployments: []\n", "routes.r.deployments"),
+        (
+            "routes:\n  r:\n    deployments: []\n",
+            "routes.r: Value error, a route needs deployments",
+        ),
         (
             "routes:\n  r:\n    strategy: fastest\n    deployments:\n"
             "      - {name: a, provider: mock, model: m}\n",

@@ -1,0 +1,125 @@
+"""Circuit breaker and AIMD limiter state machines, on a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+from app.config import Settings
+from app.routing.breaker import Breaker, BreakerPolicy
+from app.routing.config import parse_routes
+from app.routing.limiter import ConcurrencyLimiter, LimiterPolicy
+from app.routing.router import Router
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_on_failure_rate_after_minimum_requests() -> None:
+    clock = Clock()
+    b = Breaker(BreakerPolicy(min_requests=4, failure_rate=0.5, cooldown_s=10), clock)
+    b.success()
+    b.failure()
+    b.failure()
+    assert b.current() == "closed"  # under the minimum
+    b.failure()
+    assert b.current() == "open"  # 3 of 4 failed
+    assert not b.allows()
+
+
+def test_breaker_half_open_probes_then_closes() -> None:
+    clock = Clock()
+    b = Breaker(BreakerPolicy(min_requests=2, cooldown_s=10, probes=2), clock)
+    b.failure()
+    b.failure()
+    clock.now += 10.1
+    assert b.current() == "half_open"
+    assert b.allows()
+    b.begin()
+    b.begin()
+    assert not b.allows()  # only two probes at once
+    b.success()
+    assert b.current() == "half_open"
+    b.success()
+    assert b.current() == "closed"
+
+
+def test_repeat_failure_pushes_cooldown_later_never_earlier() -> None:
+    clock = Clock()
+    b = Breaker(BreakerPolicy(min_requests=1, cooldown_s=10, max_cooldown_s=100), clock)
+    b.failure(retry_after_s=30)
+    first = b.open_until
+    assert first == clock.now + 30  # Retry-After longer than the cooldown wins
+    clock.now += 31
+    assert b.current() == "half_open"
+    b.begin()
+    b.failure()
+    assert b.open_until >= clock.now + 20  # doubled cooldown
+    assert b.open_until > first
+
+
+def test_neutral_outcomes_do_not_count() -> None:
+    b = Breaker(BreakerPolicy(min_requests=2), Clock())
+    for _ in range(10):
+        b.neutral()
+    assert b.current() == "closed"
+    assert b.snapshot()["window_requests"] == 0
+
+
+def test_limiter_grows_on_success_and_cuts_to_in_flight_on_overload() -> None:
+    clock = Clock()
+    lim = ConcurrencyLimiter(LimiterPolicy(initial=4), clock)
+    for _ in range(40):
+        assert lim.try_acquire()
+        lim.release(ok=True)
+    assert lim.limit > 6
+    for _ in range(10):
+        assert lim.try_acquire()
+    lim.release(ok=False, overloaded=True)  # 10 were in flight when it said 429
+    assert lim.limit == 9.0
+    assert not lim.try_acquire() or lim.in_flight <= 9
+
+
+def test_limiter_slow_latency_counts_as_overload_and_disabled_never_limits() -> None:
+    lim = ConcurrencyLimiter(LimiterPolicy(initial=10, latency_threshold_s=1), Clock())
+    lim.try_acquire()
+    lim.release(ok=True, latency_s=5)
+    assert lim.limit < 10
+    off = ConcurrencyLimiter(LimiterPolicy(adaptive=False), Clock())
+    assert all(off.try_acquire() for _ in range(10_000))
+
+
+def _router(strategy: str, **extra: object) -> Router:
+    routes = parse_routes(
+        {
+            "routes": {
+                "r": {
+                    "strategy": strategy,
+                    **extra,
+                    "deployments": [
+                        {"name": "a", "provider": "mock", "model": "a", "weight": 3, "priority": 1},
+                        {"name": "b", "provider": "mock", "model": "b", "weight": 1, "priority": 0},
+                    ],
+                }
+            }
+        },
+        "test",
+    )
+    return Router(routes, Settings(_env_file=None), random.Random(7))  # type: ignore[call-arg]
+
+
+def test_priority_and_weighted_orders() -> None:
+    assert [d.name for d in _router("priority").ordered("r")] == ["b", "a"]
+    router = _router("weighted")
+    firsts = [router.ordered("r")[0].name for _ in range(2000)]
+    assert 0.68 < firsts.count("a") / 2000 < 0.82  # weight 3 of 4
+
+
+def test_adaptive_uses_learned_weights_until_then_configured() -> None:
+    router = _router("adaptive")
+    router.learned_weights["r"] = {"a": 0.0, "b": 1.0}
+    assert all(router.ordered("r")[0].name == "b" for _ in range(200))
