@@ -27,12 +27,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench import check, report, ttft, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured
 from bench.procs import BenchError, Processes
 from bench.report import CONCURRENCY, Figures
+from bench.resilience import render as render_resilience
+from bench.resilience import run_resilience
 from bench.upstream import nginx_binary, start_nginx, start_redis
 
 MISSING_TOOLS = 2
@@ -54,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="send one identical body (a response cache would answer from memory)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--no-resilience", action="store_true", help="skip the hedging/concurrency scenarios"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0
@@ -193,9 +199,15 @@ def tool_versions(nginx: str, wrk_bin: str) -> dict[str, str]:
 
 
 def write_json(
-    path: Path, args: argparse.Namespace, meta: dict[str, str], runs: list[Figures], med: Figures
+    path: Path,
+    args: argparse.Namespace,
+    meta: dict[str, str],
+    runs: list[Figures],
+    med: Figures,
+    resilience: dict[str, Any] | None,
 ) -> None:
-    out = {
+    out: dict[str, Any] = {
+        "resilience": resilience,
         "meta": {
             **meta,
             "seconds_per_cell": args.seconds,
@@ -233,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, CI: clean up like Ctrl-C
     started = time.perf_counter()
     runs: list[Figures] = []
+    resilience: dict[str, Any] | None = None
     try:
         with (
             tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp_name,
@@ -248,6 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
                 runs.append(run_once(procs, Run(args, wrk_bin, nginx_port), setup))
+            if setup is not None and not args.no_resilience:
+                progress("resilience scenarios (hedging, adaptive concurrency)")
+                resilience = run_resilience(
+                    procs, tmp / "resilience", setup.redis_url, max(args.seconds, 4.0)
+                )
     except KeyboardInterrupt:
         print("\nbench: interrupted; processes stopped.", file=sys.stderr)
         return 130
@@ -261,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.ttft_requests} TTFT requests per side"
     )
     print(report.render(med, len(runs)))
+    if resilience is not None:
+        print(render_resilience(resilience))
     steals = ", ".join(f"{r.get('cpu_steal_pct', 0.0):.0f}%" for r in runs)
     print(f"\nCPU stolen by the host, per run: {steals} (noise outside the gateway)")
     print(
@@ -268,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nginx, wrk and the gateway share them)"
     )
     if args.json is not None:
-        write_json(args.json, args, tool_versions(nginx, wrk_bin), runs, med)
+        write_json(args.json, args, tool_versions(nginx, wrk_bin), runs, med, resilience)
         print(f"numbers written to {args.json}")
     missed = [t for t in report.targets() if t.verdict(med) == "MISS"]
     return 1 if args.strict and missed else 0

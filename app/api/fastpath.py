@@ -29,6 +29,7 @@ from app.state import AppState
 log = logging.getLogger("flywheel.http")
 
 Handler = Callable[[AppState, str, AsyncIterator[bytes], Mapping[str, str]], Awaitable[Response]]
+ARM_DELAY_S = 0.05
 FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.handle}
 
 
@@ -78,20 +79,26 @@ class Gateway(FastAPI):
 class _DisconnectWatcher:
     """Cancels the request's task if the client disconnects before the response starts.
 
-    Started only once the body is read, so it never takes body messages from the
-    handler; stopped before the response is sent (a streaming response listens for
-    disconnects itself).
+    Armed only once the body is read, so it never takes body messages from the handler;
+    stopped before the response is sent (a streaming response listens for disconnects
+    itself). The listening task is only made for requests still running after
+    `ARM_DELAY_S`: most answers come sooner, and a task per request showed in profiles.
     """
 
-    __slots__ = ("_receive", "_request", "_task", "fired")
+    __slots__ = ("_receive", "_request", "_task", "_timer", "fired")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._request = asyncio.current_task()
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.fired = False
 
     def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(ARM_DELAY_S, self._listen)
+
+    def _listen(self) -> None:
+        self._timer = None
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -101,6 +108,9 @@ class _DisconnectWatcher:
             self._request.cancel()
 
     def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -38,6 +38,7 @@ class Breaker:
     cooldown_s: float = 0.0
     opened_count: int = 0
     _outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    _failures: int = 0  # failures among _outcomes, kept as they come and go
     _probes_in_flight: int = 0
     _probe_successes: int = 0
 
@@ -77,6 +78,7 @@ class Breaker:
             self.state = "closed"
             self.cooldown_s = 0.0
             self._outcomes.clear()
+            self._failures = 0
 
     def neutral(self) -> None:
         """The request ended in a way that says nothing of the deployment's health."""
@@ -107,21 +109,22 @@ class Breaker:
 
     def _remember(self, now: float, *, ok: bool) -> None:
         self._outcomes.append((now, ok))
+        self._failures += not ok
         horizon = now - self.policy.window_s
         while self._outcomes and self._outcomes[0][0] < horizon:
-            self._outcomes.popleft()
+            _, was_ok = self._outcomes.popleft()
+            self._failures -= not was_ok
 
     def _should_open(self, now: float) -> bool:
         total = len(self._outcomes)
         if total < self.policy.min_requests:
             return False
-        failures = sum(1 for _, ok in self._outcomes if not ok)
-        return failures / total >= self.policy.failure_rate
+        return self._failures / total >= self.policy.failure_rate
 
     def snapshot(self) -> dict[str, object]:
         now = self.clock()
         self._refresh(now)
-        failures = sum(1 for _, ok in self._outcomes if not ok)
+        failures = self._failures
         return {
             "state": self.state,
             "open_for_s": round(max(0.0, self.open_until - now), 2) if self.state == "open" else 0,

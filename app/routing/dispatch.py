@@ -75,11 +75,19 @@ class Lease:
             d.limiter.pause(retry_after_s)
 
     def abandoned(self) -> None:
-        """The client went away or another hedge won: no verdict on the deployment."""
+        """The client went away: no verdict on the deployment."""
         if not self.ended:
             self.ended = True
             self.deployment.breaker.neutral()
             self.deployment.limiter.release(ok=False)
+
+    def outrun(self) -> None:
+        """Another hedge answered first. The time waited is a lower bound of this one's
+        time to first byte, and is kept as a sample: dropping it would leave only the
+        fast answers in the statistics, and the hedge delay would shrink to nothing."""
+        if not self.ended:
+            self.abandoned()
+            self.deployment.stats.observe(self._clock() - self.started)
 
 
 @dataclass(slots=True)
@@ -383,7 +391,7 @@ class Dispatcher:
                         await discard(task.result())
             elif not task.done():
                 task.cancel()
-                lease.abandoned()
+                lease.outrun()
 
 
 def _retry_after(e: GatewayError) -> float | None:

@@ -70,6 +70,8 @@ class GatewaySetup:
     upstream_port: int
     # A real Redis, as in production: request records are shipped to it during the load.
     redis_url: str
+    routes_template: str = ROUTES
+    extra_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def env(self) -> dict[str, str]:
@@ -80,6 +82,7 @@ class GatewaySetup:
             FLYWHEEL_VAR_DIR=str(self.tmp / "var"),
             DATABASE_URL=f"sqlite+aiosqlite:///{self.tmp / 'bench.db'}",
         )
+        env.update(self.extra_env)
         return env
 
     @property
@@ -88,7 +91,7 @@ class GatewaySetup:
 
     def prepare(self) -> None:
         (self.tmp / "var").mkdir(parents=True, exist_ok=True)
-        (self.tmp / "routes.yaml").write_text(ROUTES.format(port=self.upstream_port))
+        (self.tmp / "routes.yaml").write_text(self.routes_template.format(port=self.upstream_port))
         flywheel = BIN / "flywheel"
         if not flywheel.exists():
             raise BenchError(f"{flywheel} is missing; run `make dev` first")
