@@ -16,11 +16,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api import admin, chat, embeddings, health, models
+from app.api import admin, chat, embeddings, health, metrics, models
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
 from app.config import Settings
 from app.errors import install_error_handlers
+from app.observability.metrics import make_registry
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile, load_routes
@@ -52,11 +53,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     recorder = Recorder(redis, key(settings, "requests"))
     recorder.start()
     router = Router(routes, settings)
+    dispatcher = Dispatcher(router)
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,
         router=router,
-        dispatcher=Dispatcher(router),
+        dispatcher=dispatcher,
         providers=ProviderRegistry(http),
         http=http,
         redis=redis,
@@ -64,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         recorder=recorder,
         started_at=time.time(),
         schema_ok=schema_ok,
+        metrics=make_registry(dispatcher),
     )
     # Objects alive after start-up live for the whole process: freezing them keeps the
     # collector from re-scanning them, which keeps GC pauses off the latency tail.
@@ -99,7 +102,7 @@ def create_app(settings: Settings | None = None, routes: RoutesFile | None = Non
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)
     install_error_handlers(app)
-    for module in (chat, embeddings, models, health, admin):
+    for module in (chat, embeddings, models, health, admin, metrics):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,3 +30,4 @@ class AppState:
     recorder: Recorder
     started_at: float
     schema_ok: bool
+    metrics: CollectorRegistry

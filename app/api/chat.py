@@ -55,6 +55,7 @@ async def handle(
                 deployment=target.deployment,
                 api_key=target.api_key,
                 timeout_s=target.timeout_s,
+                on_headers=target.on_headers,
                 request_id=rid,
             )
 

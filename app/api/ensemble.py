@@ -48,6 +48,7 @@ async def run_ensemble(
                 deployment=target.deployment,
                 api_key=target.api_key,
                 timeout_s=target.timeout_s,
+                on_headers=target.on_headers,
                 request_id=exchange.request_id,
             )
             return state.providers.get(target.deployment.provider).complete(request)

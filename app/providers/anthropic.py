@@ -52,6 +52,7 @@ class AnthropicProvider:
             timeout_s=call.timeout_s,
             reader=anthropic_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         )
         return from_anthropic(answer, call.deployment.model)
 
@@ -67,6 +68,7 @@ class AnthropicProvider:
             timeout_s=call.timeout_s,
             reader=anthropic_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         ) as events:
             async for _name, data in events:
                 for out in translator.feed(parse_event(data)):

@@ -9,7 +9,7 @@ its provider's errors into `app.errors` exceptions and lets nothing else escape.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +31,8 @@ class Upstream:
     api_key: SecretStr | None
     timeout_s: float
     request_id: str
+    # Sees the upstream's response headers: rate-limit hints pace the deployment.
+    on_headers: Callable[[Mapping[str, str]], None] | None = None
 
     @property
     def secret(self) -> str:

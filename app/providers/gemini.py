@@ -193,6 +193,7 @@ class GeminiProvider:
             timeout_s=call.timeout_s,
             reader=google_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         )
         return to_completion(answer, call.deployment.model)
 
@@ -208,6 +209,7 @@ class GeminiProvider:
             timeout_s=call.timeout_s,
             reader=google_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         ) as events:
             async for _name, data in events:
                 event = parse_event(data)
@@ -235,5 +237,6 @@ class GeminiProvider:
             timeout_s=call.timeout_s,
             reader=google_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         )
         return to_embeddings(answer, call.deployment.model, texts, call.request.encoding_format)

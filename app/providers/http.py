@@ -32,6 +32,7 @@ from app.errors import (
 JSON = dict[str, Any]
 # Pulls (message, code, param) out of a provider's error body.
 ErrorReader = Callable[[Any], tuple[str | None, str | None, str | None]]
+HeaderHook = Callable[[Mapping[str, str]], None]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -131,8 +132,12 @@ async def _post(
     limits: aiohttp.ClientTimeout,
     reader: ErrorReader,
     secret: str,
+    on_headers: HeaderHook | None = None,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST JSON; the response if it succeeded, every failure as an `app.errors` type."""
+    """POST JSON; the response if it succeeded, every failure as an `app.errors` type.
+
+    `on_headers` sees every response's headers (rate-limit hints pace the deployment).
+    """
     try:
         async with session.post(
             url,
@@ -140,6 +145,8 @@ async def _post(
             headers={**headers, "content-type": "application/json"},
             timeout=limits,
         ) as resp:
+            if on_headers is not None:
+                on_headers(resp.headers)
             if resp.status >= 400:
                 raise await status_error(resp, reader, secret)
             yield resp
@@ -158,11 +165,19 @@ async def post_json(
     timeout_s: float,
     reader: ErrorReader,
     secret: str,
+    on_headers: HeaderHook | None = None,
 ) -> JSON:
     # A per-request timeout replaces the session's whole: keep its connect bound.
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=session.timeout.sock_connect)
     async with _post(
-        session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
+        session,
+        url,
+        headers=headers,
+        body=body,
+        limits=timeout,
+        reader=reader,
+        secret=secret,
+        on_headers=on_headers,
     ) as resp:
         raw = await resp.read()
     try:
@@ -183,6 +198,7 @@ async def stream_lines(
     timeout_s: float,
     reader: ErrorReader,
     secret: str,
+    on_headers: HeaderHook | None = None,
 ) -> AsyncGenerator[list[bytes], None]:
     """POST and yield the response's lines, in lists of those that arrived together.
 
@@ -196,7 +212,14 @@ async def stream_lines(
         sock_read=timeout_s,
     )
     async with _post(
-        session, url, headers=headers, body=body, limits=timeout, reader=reader, secret=secret
+        session,
+        url,
+        headers=headers,
+        body=body,
+        limits=timeout,
+        reader=reader,
+        secret=secret,
+        on_headers=on_headers,
     ) as resp:
         pending = b""
         async for block in resp.content.iter_any():
@@ -248,6 +271,7 @@ async def open_sse(
     timeout_s: float,
     reader: ErrorReader,
     secret: str,
+    on_headers: HeaderHook | None = None,
 ) -> AsyncIterator[AsyncIterator[tuple[str, bytes]]]:
     """POST and give the (event, data) pairs of the server-sent events that come back.
 
@@ -262,6 +286,7 @@ async def open_sse(
         timeout_s=timeout_s,
         reader=reader,
         secret=secret,
+        on_headers=on_headers,
     )
     events = sse_data(lines)
     async with aclosing(lines), aclosing(events):

@@ -50,6 +50,7 @@ class OpenAIProvider:
             timeout_s=call.timeout_s,
             reader=openai_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         )
         if not well_formed(result, part="message"):
             raise UpstreamError("upstream answered with an unexpected shape")
@@ -70,6 +71,7 @@ class OpenAIProvider:
             timeout_s=call.timeout_s,
             reader=openai_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         ) as events:
             async for _event, data in events:
                 if data == b"[DONE]":
@@ -93,4 +95,5 @@ class OpenAIProvider:
             timeout_s=call.timeout_s,
             reader=openai_error_reader,
             secret=call.secret,
+            on_headers=call.on_headers,
         )

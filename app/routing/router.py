@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import SecretStr
@@ -21,6 +21,7 @@ from app.errors import ModelNotFoundError, ServiceUnavailableError
 from app.routing.breaker import Breaker, BreakerPolicy
 from app.routing.config import KEYED_PROVIDERS, DeploymentConfig, RouteConfig, RoutesFile
 from app.routing.limiter import ConcurrencyLimiter, LimiterPolicy
+from app.routing.pacing import pause_for
 from app.routing.stats import LatencyStats
 
 log = logging.getLogger("flywheel.routing")
@@ -48,6 +49,13 @@ class Deployment:
     def usable(self, now: float) -> bool:
         return now >= self.not_before and self.breaker.allows()
 
+    def pace(self, headers: Mapping[str, str]) -> None:
+        """Hold new requests while the upstream says a rate limit is used up."""
+        wait = pause_for(headers)
+        if wait is not None and wait > 0:
+            self.not_before = max(self.not_before, time.monotonic() + wait)
+            self.limiter.pause(wait)
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -55,6 +63,7 @@ class Target:
     deployment: DeploymentConfig
     api_key: SecretStr | None
     timeout_s: float
+    on_headers: Callable[[Mapping[str, str]], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +173,13 @@ class Router:
         timeout = d.config.timeout_s or route.timeout_s or self.default_timeout_s
         if remaining_s is not None:
             timeout = min(timeout, remaining_s)
-        return Target(route=d.route, deployment=d.config, api_key=d.api_key, timeout_s=timeout)
+        return Target(
+            route=d.route,
+            deployment=d.config,
+            api_key=d.api_key,
+            timeout_s=timeout,
+            on_headers=d.pace,
+        )
 
     def ordered(self, name: str) -> list[Deployment]:
         """The route's deployments in the order its strategy wants them tried."""

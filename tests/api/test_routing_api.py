@@ -113,6 +113,24 @@ async def test_retry_waits_for_retry_after_within_the_deadline(
     assert elapsed >= 2.0  # the second try waited for Retry-After
 
 
+async def test_rate_limit_headers_pace_before_any_429(serve: Any, fake: FakeServer) -> None:
+    route = {
+        "strategy": "priority",
+        "deployments": [dep(fake, "exhausted", priority=0), dep(fake, "gpt-fake", priority=1)],
+    }
+    async with serve(r=route) as gw:
+        before = fake.state.count("exhausted")
+        first = await post(gw, chat_body("r"))
+        assert first.headers["x-flywheel-deployment"] == "exhausted"
+        # The answer said "0 requests remaining, resets in 1s": the next ones go elsewhere.
+        for _ in range(3):
+            resp = await post(gw, chat_body("r"))
+            assert resp.headers["x-flywheel-deployment"] == "gpt-fake"
+        assert fake.state.count("exhausted") == before + 1
+        await asyncio.sleep(1.1)
+        assert (await post(gw, chat_body("r"))).headers["x-flywheel-deployment"] == "exhausted"
+
+
 async def test_upstream_400_is_not_retried(serve: Any, fake: FakeServer) -> None:
     route = {
         "strategy": "priority",
@@ -157,6 +175,11 @@ async def test_breaker_opens_half_opens_and_closes(serve: Any, fake: FakeServer)
             states = {d["deployment"]: d["circuit"]["state"] for d in admin.json()["data"]}
             assert states[flaky] == "open"
             assert (await client.get("/admin/cooldowns")).status_code == 401
+            metrics = (await client.get("/metrics")).text
+            assert (
+                f'flywheel_circuit_state{{deployment="{flaky}",route="r",state="open"}} 1.0'
+                in metrics
+            )
         fake.state.failing.discard(flaky)  # the upstream recovers
         await asyncio.sleep(0.6)  # past the cooldown: half-open
         resp = await post(gw, chat_body("r"))
@@ -302,6 +325,9 @@ async def test_hedging_answers_from_the_second_deployment(serve: Any, fake: Fake
         assert elapsed < 1.0
         assert gw.state.dispatcher.hedges_started >= 1
         assert gw.state.dispatcher.hedges_won >= 1
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'flywheel_hedges_total{outcome="won"}' in metrics
 
 
 def _ensemble_routes(strategy: str, third_latency_ms: float = 2) -> dict[str, Any]:

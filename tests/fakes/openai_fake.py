@@ -106,8 +106,16 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             ],
             "usage": _usage(body, text),
-        }
+        },
+        headers=_rate_headers(model),
     )
+
+
+def _rate_headers(model: str) -> dict[str, str]:
+    """OpenAI's rate-limit headers; `exhausted` says the request budget is used up."""
+    if model == "exhausted":
+        return {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    return {"x-ratelimit-remaining-requests": "99", "x-ratelimit-reset-requests": "6m0s"}
 
 
 def _chunk(body: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> bytes:

@@ -16,6 +16,7 @@ serves every behaviour at once:
   lag             wait `state.lag_ms`, then a normal answer
   cap-<n>         429 when more than n requests are in flight; 50 ms each
   ctx-exceeded    400 context_length_exceeded, OpenAI's shape
+  exhausted       a normal answer whose rate-limit headers say no requests remain (1 s)
 anything else     a normal answer
 """
 
@@ -73,7 +74,7 @@ def fault_of(model: str) -> tuple[str, int]:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model in ("malformed", "weird", "lag", "ctx-exceeded"):
+    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted"):
         return model, 0
     if model.startswith("toggle-"):
         return "toggle", 0

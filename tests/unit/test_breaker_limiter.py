@@ -123,3 +123,24 @@ def test_adaptive_uses_learned_weights_until_then_configured() -> None:
     router = _router("adaptive")
     router.learned_weights["r"] = {"a": 0.0, "b": 1.0}
     assert all(router.ordered("r")[0].name == "b" for _ in range(200))
+
+
+def test_rate_limit_header_pacing() -> None:
+    from datetime import UTC, datetime
+
+    from app.routing.pacing import parse_duration, pause_for
+
+    assert parse_duration("6m0s") == 360
+    assert parse_duration("20ms") == 0.02
+    assert parse_duration("1h2m3.5s") == 3723.5
+    assert pause_for({"x-ratelimit-remaining-requests": "5"}) is None
+    assert (
+        pause_for({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
+        == 1.5
+    )
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    hint = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:03Z",
+    }
+    assert pause_for(hint, now) == 3.0
