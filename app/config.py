@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     flywheel_upstream_max_connections: int = Field(default=1000, gt=0)
     flywheel_redis_timeout_s: float = Field(default=0.25, gt=0)
     flywheel_redis_prefix: str = "flywheel:"
+    flywheel_weights_refresh_s: float = Field(default=5.0, gt=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -27,6 +29,7 @@ from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile, load_routes
 from app.routing.dispatch import Dispatcher
 from app.routing.router import Router
+from app.routing.weights import refresh_forever
 from app.schemas.chat import ChatCompletionRequest
 from app.schemas.embeddings import EmbeddingRequest
 from app.state import AppState
@@ -52,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = make_redis(settings)
     recorder = Recorder(redis, key(settings, "requests"))
     recorder.start()
+    weights_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
     app.state.flywheel = AppState(
@@ -68,6 +72,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         schema_ok=schema_ok,
         metrics=make_registry(dispatcher),
     )
+    if redis is not None and any(r.strategy == "adaptive" for r in routes.routes.values()):
+        weights_task = asyncio.create_task(
+            refresh_forever(
+                redis, settings.flywheel_redis_prefix, router, settings.flywheel_weights_refresh_s
+            ),
+            name="weights",
+        )
     # Objects alive after start-up live for the whole process: freezing them keeps the
     # collector from re-scanning them, which keeps GC pauses off the latency tail.
     gc.collect()
@@ -76,6 +87,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if weights_task is not None:
+            weights_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await weights_task
         await recorder.stop()
         await http.close()
         if redis is not None:

@@ -10,9 +10,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from app.config import Settings
 from app.main import create_app
+from app.routing.weights import weights_key
 from tests.api.test_chat_api import assert_openai_error, chat_body, post
 from tests.api.test_streaming_api import events
 from tests.conftest import Served, routes_for
@@ -305,6 +307,30 @@ async def test_least_latency_prefers_the_fast_deployment(serve: Any) -> None:
             (await post(gw, chat_body("r"))).headers["x-flywheel-deployment"] for _ in range(40)
         ]
     assert used[10:].count("fast") >= 24
+
+
+async def test_adaptive_routes_follow_weights_from_redis(
+    make_settings: Callable[..., Settings], redis_url: str, key_prefix: str
+) -> None:
+    settings = make_settings(flywheel_weights_refresh_s=0.05)
+    routes = routes_for(
+        ad={"strategy": "adaptive", "deployments": [mock("x", "m-x"), mock("y", "m-y")]}
+    )
+    redis = Redis.from_url(redis_url)
+    await redis.delete(weights_key(key_prefix, "ad"))
+    async with Served(create_app(settings, routes)) as gw:
+        before = [
+            (await post(gw, chat_body("ad"))).headers["x-flywheel-deployment"] for _ in range(20)
+        ]
+        assert set(before) == {"x", "y"}  # configured weights 1:1 until the cycle speaks
+        await redis.hset(weights_key(key_prefix, "ad"), mapping={"x": "0", "y": "1"})
+        await asyncio.sleep(0.3)
+        after = [
+            (await post(gw, chat_body("ad"))).headers["x-flywheel-deployment"] for _ in range(20)
+        ]
+    await redis.delete(weights_key(key_prefix, "ad"))
+    await redis.aclose()
+    assert set(after) == {"y"}
 
 
 async def test_hedging_answers_from_the_second_deployment(serve: Any, fake: FakeServer) -> None:
