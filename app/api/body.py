@@ -7,12 +7,12 @@ is kept for pass-through to OpenAI-compatible upstreams.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
 from app.errors import InvalidRequestError, PayloadTooLargeError, validation_error
@@ -20,39 +20,59 @@ from app.errors import InvalidRequestError, PayloadTooLargeError, validation_err
 T = TypeVar("T")
 
 
-async def receive_chunks(
-    receive: Receive, on_end: Callable[[], None] | None = None
-) -> AsyncIterator[bytes]:
+# Reads the whole body, failing with 413 past the given limit.
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+
+def receive_body(receive: Receive, on_end: Callable[[], None] | None = None) -> BodyReader:
     """The request body straight from ASGI `receive`, for the fast path.
 
     `on_end` runs once the whole body is in: from then on `receive` only ever says
-    whether the client is still there.
+    whether the client is still there. (A plain coroutine, not an async generator: this
+    is on every request.)
     """
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            if on_end is not None:
-                on_end()
-            return
+
+    async def read(limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                if on_end is not None:
+                    on_end()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    return read
 
 
-async def read_json_object(
-    source: AsyncIterator[bytes], declared: str | None, limit: int
-) -> dict[str, Any]:
+def request_body(request: Request) -> BodyReader:
+    """The request body through Starlette, for the FastAPI routes."""
+
+    async def read(limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return read
+
+
+async def read_json_object(read: BodyReader, declared: str | None, limit: int) -> dict[str, Any]:
     """The body as a JSON object; `declared` is the Content-Length header, if any."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in source:
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await read(limit)
     if not raw.strip():
         raise InvalidRequestError(
             "the request body is empty; send a JSON object", code="invalid_json"

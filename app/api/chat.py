@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from app.api.body import openapi_body, read_json_object, validate
+from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline, resolve_route
@@ -33,12 +33,12 @@ PATH = "/v1/chat/completions"
 
 
 async def handle(
-    state: AppState, rid: str, source: AsyncIterator[bytes], headers: Mapping[str, str]
+    state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "chat.completions")
     try:
         length = headers.get("content-length")
-        body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
+        body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
@@ -141,4 +141,4 @@ async def _stream(
 
 @router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])
 async def chat_completions(request: Request, state: StateDep) -> Response:
-    return await handle(state, request_id(request), request.stream(), request.headers)
+    return await handle(state, request_id(request), request_body(request), request.headers)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import Awaitable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.body import openapi_body, read_json_object, validate
+from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline
 from app.deps import StateDep, request_id
@@ -25,12 +25,12 @@ PATH = "/v1/embeddings"
 
 
 async def handle(
-    state: AppState, rid: str, source: AsyncIterator[bytes], headers: Mapping[str, str]
+    state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "embeddings")
     try:
         length = headers.get("content-length")
-        body = await read_json_object(source, length, state.settings.flywheel_max_body_bytes)
+        body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
         if not req.texts or any(t == "" for t in req.texts):
             raise InvalidRequestError(
@@ -73,4 +73,4 @@ async def handle(
 
 @router.post(PATH, openapi_extra=openapi_body("EmbeddingRequest"), tags=["openai"])
 async def embeddings(request: Request, state: StateDep) -> Response:
-    return await handle(state, request_id(request), request.stream(), request.headers)
+    return await handle(state, request_id(request), request_body(request), request.headers)

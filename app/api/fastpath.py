@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -21,14 +21,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.api import chat, embeddings
-from app.api.body import receive_chunks
+from app.api.body import BodyReader, receive_body
 from app.api.middleware import new_request_id
 from app.errors import GatewayError, error_response
 from app.state import AppState
 
 log = logging.getLogger("flywheel.http")
 
-Handler = Callable[[AppState, str, AsyncIterator[bytes], Mapping[str, str]], Awaitable[Response]]
+Handler = Callable[[AppState, str, BodyReader, Mapping[str, str]], Awaitable[Response]]
 ARM_DELAY_S = 0.05
 FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.handle}
 
@@ -52,8 +52,8 @@ class Gateway(FastAPI):
         state: AppState = self.state.flywheel
         watcher = _DisconnectWatcher(receive)
         try:
-            source = receive_chunks(receive, on_end=watcher.start)
-            response = await handler(state, rid, source, _headers(scope))
+            read = receive_body(receive, on_end=watcher.start)
+            response = await handler(state, rid, read, _headers(scope))
         except GatewayError as e:
             response = error_response(e)
         except ClientDisconnect:
