@@ -64,12 +64,15 @@ class Lease:
             return
         self.ended = True
         d = self.deployment
-        upstream_fault = failure in (Failure.UPSTREAM, Failure.RATE_LIMITED)
-        if upstream_fault:
+        if failure is Failure.UPSTREAM:
             d.breaker.failure(retry_after_s)
         else:
-            d.breaker.neutral()  # the client's error or deadline says nothing of health
-        d.limiter.release(ok=False, overloaded=upstream_fault)
+            # The client's error or deadline says nothing of health; a 429 says "slower",
+            # which the limiter and Retry-After handle: opening the breaker on it would
+            # take a working deployment out of service.
+            d.breaker.neutral()
+        overloaded = failure in (Failure.UPSTREAM, Failure.RATE_LIMITED)
+        d.limiter.release(ok=False, overloaded=overloaded)
         if retry_after_s:
             d.not_before = max(d.not_before, self._clock() + retry_after_s)
             d.limiter.pause(retry_after_s)
