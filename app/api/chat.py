@@ -44,7 +44,7 @@ async def handle(
         route = resolve_route(state, chat, headers)
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
-            return await run_ensemble(state, route, chat, body, exchange, deadline)
+            return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
         provider_of = state.providers.get
 
         def call(target: Target) -> ChatCall:

@@ -30,6 +30,7 @@ async def run_ensemble(
     body: dict[str, Any],
     exchange: Exchange,
     deadline: float,
+    client_deadline: bool,
 ) -> Response:
     config = state.router.route(route).ensemble
     assert config is not None
@@ -54,7 +55,9 @@ async def run_ensemble(
             return state.providers.get(target.deployment.provider).complete(request)
 
         started = time.perf_counter()
-        won = await state.dispatcher.run(name, call, deadline=deadline, count=exchange.count)
+        won = await state.dispatcher.run(
+            name, call, deadline=deadline, count=exchange.count, client_deadline=client_deadline
+        )
         won.lease.succeeded()
         return Member(name, won.value, time.perf_counter() - started)
 

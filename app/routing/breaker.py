@@ -61,18 +61,30 @@ class Breaker:
             return False
         return self._probes_in_flight < self.policy.probes
 
-    def begin(self) -> None:
-        """A request is going out (after `allows` or as a forced probe)."""
-        if self.current() != "closed":
-            self._probes_in_flight += 1
+    def may_force_probe(self) -> bool:
+        """Every deployment is open: may one request probe this one anyway? Only one at
+        a time, so a dead upstream is not sent every request as a "probe"."""
+        return self._probes_in_flight == 0
 
-    def success(self) -> None:
+    def begin(self) -> bool:
+        """A request is going out; True when it is a probe (the breaker is not closed)."""
+        if self.current() == "closed":
+            return False
+        self._probes_in_flight += 1
+        return True
+
+    def success(self, probe: bool = False) -> None:
         now = self.clock()
         self._refresh(now)
-        if self.state == "closed":
-            self._remember(now, ok=True)
+        if not probe:
+            # A request sent while closed: it counts in the window. One that was in
+            # flight when the breaker opened says nothing about recovery.
+            if self.state == "closed":
+                self._remember(now, ok=True)
             return
         self._probes_in_flight = max(0, self._probes_in_flight - 1)
+        if self.state == "closed":
+            return
         self._probe_successes += 1
         if self._probe_successes >= self.policy.probes:
             self.state = "closed"
@@ -80,21 +92,23 @@ class Breaker:
             self._outcomes.clear()
             self._failures = 0
 
-    def neutral(self) -> None:
+    def neutral(self, probe: bool = False) -> None:
         """The request ended in a way that says nothing of the deployment's health."""
-        if self.state != "closed":
+        if probe:
             self._probes_in_flight = max(0, self._probes_in_flight - 1)
 
-    def failure(self, retry_after_s: float | None = None) -> None:
+    def failure(self, retry_after_s: float | None = None, probe: bool = False) -> None:
         now = self.clock()
         self._refresh(now)
-        if self.state == "closed":
-            self._remember(now, ok=False)
-            if self._should_open(now):
-                self._open(now, self.policy.cooldown_s, retry_after_s)
+        if not probe:
+            if self.state == "closed":
+                self._remember(now, ok=False)
+                if self._should_open(now):
+                    self._open(now, self.policy.cooldown_s, retry_after_s)
+            # Requests in flight when it opened fail too: that is not a failed probe.
             return
-        # Open or half-open: a failing probe (or a forced one) opens for longer.
         self._probes_in_flight = max(0, self._probes_in_flight - 1)
+        # A failed probe opens it again, for longer.
         longer = min(max(self.cooldown_s, self.policy.cooldown_s) * 2, self.policy.max_cooldown_s)
         self._open(now, longer, retry_after_s)
 

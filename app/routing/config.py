@@ -138,6 +138,8 @@ class RoutesFile(_Strict):
                     raise ValueError(f"route {name!r} falls back to unknown route {target!r}")
                 if target == name:
                     raise ValueError(f"route {name!r} falls back to itself")
+                if self.routes[target].ensemble is not None:
+                    raise ValueError(f"route {name!r} falls back to ensemble {target!r}")
             for rule in route.rules:
                 if rule.route not in self.routes or rule.route == name:
                     raise ValueError(f"route {name!r} has a rule to unknown route {rule.route!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from app.errors import (
     GatewayError,
     RateLimitError,
     ServiceUnavailableError,
+    UpstreamError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -41,21 +43,24 @@ BACKOFF_CAP_S = 2.0
 class Lease:
     """One attempt's hold on a deployment; reports how it ended exactly once."""
 
-    __slots__ = ("_clock", "deployment", "ended", "started")
+    __slots__ = ("_clock", "deployment", "ended", "probe", "started")
 
     def __init__(self, deployment: Deployment, clock: Callable[[], float]) -> None:
         self.deployment = deployment
         self._clock = clock
         self.started = clock()
         self.ended = False
+        self.probe = deployment.breaker.begin()
 
     def succeeded(self, ttfb_s: float | None = None) -> None:
+        """`ttfb_s` for streams: how long a stream then runs is the answer's length, not
+        the deployment's speed, so the limiter and the statistics see the first byte."""
         if self.ended:
             return
         self.ended = True
-        latency = self._clock() - self.started
+        latency = self._clock() - self.started if ttfb_s is None else ttfb_s
         d = self.deployment
-        d.breaker.success()
+        d.breaker.success(self.probe)
         d.limiter.release(ok=True, latency_s=latency)
         d.stats.observe(latency, ttfb_s)
 
@@ -64,13 +69,13 @@ class Lease:
             return
         self.ended = True
         d = self.deployment
-        if failure is Failure.UPSTREAM:
-            d.breaker.failure(retry_after_s)
+        if failure in (Failure.UPSTREAM, Failure.MISCONFIGURED):
+            d.breaker.failure(retry_after_s, self.probe)
         else:
             # The client's error or deadline says nothing of health; a 429 says "slower",
             # which the limiter and Retry-After handle: opening the breaker on it would
             # take a working deployment out of service.
-            d.breaker.neutral()
+            d.breaker.neutral(self.probe)
         overloaded = failure in (Failure.UPSTREAM, Failure.RATE_LIMITED)
         d.limiter.release(ok=False, overloaded=overloaded)
         if retry_after_s:
@@ -81,7 +86,7 @@ class Lease:
         """The client went away: no verdict on the deployment."""
         if not self.ended:
             self.ended = True
-            self.deployment.breaker.neutral()
+            self.deployment.breaker.neutral(self.probe)
             self.deployment.limiter.release(ok=False)
 
     def outrun(self) -> None:
@@ -101,10 +106,11 @@ class Won(Generic[T]):
 
 
 class _RouteSpent(Exception):
-    def __init__(self, error: GatewayError, failure: Failure) -> None:
+    def __init__(self, error: GatewayError, failure: Failure, window: int = 0) -> None:
         super().__init__(error.message)
         self.error = error
         self.failure = failure
+        self.window = window  # the context window that was too small, if that was it
 
 
 class Dispatcher:
@@ -148,12 +154,14 @@ class Dispatcher:
                 return await self._on_route(
                     name, attempt, deadline, count, discard, client_deadline
                 )
+            except ServiceUnavailableError as e:
+                last = _RouteSpent(e, Failure.UPSTREAM)  # no usable deployment: next route
             except _RouteSpent as spent:
                 last = spent
                 if spent.failure is Failure.CLIENT or spent.failure is Failure.DEADLINE:
                     break
                 if spent.failure is Failure.CONTEXT:
-                    need_window = max(need_window, self.router.context_window(name), 1)
+                    need_window = max(need_window, spent.window or 1)
         assert last is not None
         raise last.error
 
@@ -189,6 +197,11 @@ class Dispatcher:
                 raise _RouteSpent(err, Failure.DEADLINE if client_deadline else Failure.UPSTREAM)
             d = self._pick(ordered, tried, now, probe=not tried)
             if d is None:
+                if saturated:
+                    # Waited the bounded time at every limit there was: answer now.
+                    raise _RouteSpent(self._saturated(name), Failure.UPSTREAM)
+                if last is None and not any(x.not_before > now for x in ordered):
+                    raise _RouteSpent(self._all_open(name, ordered, now), Failure.UPSTREAM)
                 await self._wait_for_turn(name, ordered, failures, last, deadline)
                 tried.clear()
                 continue
@@ -196,8 +209,6 @@ class Dispatcher:
             lease = await self._acquire(d, ordered, deadline)
             if lease is None:
                 saturated.add(d.name)
-                if len(saturated) == len(ordered):
-                    raise _RouteSpent(self._saturated(name), Failure.UPSTREAM)
                 continue
             hedge = config.hedging if (config.hedging and config.hedging.enabled) else None
             try:
@@ -222,7 +233,12 @@ class Dispatcher:
                 lease.failed(failure, _retry_after(e))
                 last = (e, failure)
                 if failure in (Failure.CLIENT, Failure.CONTEXT, Failure.DEADLINE):
-                    raise _RouteSpent(e, failure) from e
+                    raise _RouteSpent(e, failure, d.config.context_window or 0) from e
+                if failure is Failure.MISCONFIGURED:
+                    # Never this deployment again for this request (it is in `tried`).
+                    if self._pick(ordered, tried, self._clock(), probe=False) is None:
+                        raise _RouteSpent(e, Failure.UPSTREAM) from e
+                    continue
                 failures += 1
                 if failures > config.retries:
                     raise _RouteSpent(e, failure) from e
@@ -266,7 +282,7 @@ class Dispatcher:
         if probe:
             # Every deployment's breaker is open: probe the one closest to half-open
             # rather than fail at once. (One inside Retry-After is waited for instead.)
-            ready = [d for d in ordered if d.not_before <= now]
+            ready = [d for d in ordered if d.not_before <= now and d.breaker.may_force_probe()]
             if ready:
                 return min(ready, key=lambda d: d.breaker.open_until)
         return None
@@ -275,7 +291,6 @@ class Dispatcher:
         self, d: Deployment, ordered: list[Deployment], deadline: float
     ) -> Lease | None:
         if d.limiter.try_acquire():
-            d.breaker.begin()
             return Lease(d, self._clock)
         others = [o for o in ordered if o is not d and o.usable(self._clock())]
         if any(o.limiter.in_flight < o.limiter.limit for o in others):
@@ -284,9 +299,17 @@ class Dispatcher:
         factor = self.router.route(d.route).concurrency.max_wait_factor
         wait = min(typical * factor, max(0.0, deadline - self._clock()))
         if await d.limiter.acquire(wait):
-            d.breaker.begin()
             return Lease(d, self._clock)
         return None
+
+    def _all_open(self, name: str, ordered: list[Deployment], now: float) -> GatewayError:
+        """Every breaker is open and a probe is already out: a fast 503 until half-open."""
+        wait = min(max(d.breaker.open_until - now, 0.0) for d in ordered)
+        return ServiceUnavailableError(
+            f"every deployment of route {name!r} is failing; retry later",
+            code="deployments_unavailable",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
     @staticmethod
     def _saturated(name: str) -> GatewayError:
@@ -341,7 +364,6 @@ class Dispatcher:
         for d in ordered:
             if d is first or not d.usable(now) or not d.limiter.try_acquire():
                 continue
-            d.breaker.begin()
             count()
             self.hedges_started += 1
             target = self.router.target(d, deadline - now)
@@ -373,7 +395,10 @@ class Dispatcher:
                     await self._discard_rest(tasks, task, discard)
                     return Won(task.result(), lease, target)
                 if not isinstance(exc, GatewayError):
-                    raise exc
+                    # A bug, not the upstream: end the lease (no verdict) and say so.
+                    lease.abandoned()
+                    raise UpstreamError("an attempt failed inside the gateway") from exc
+                # Timeouts here are the attempt's own: the deadline is checked by wait().
                 lease.failed(classify(exc, client_deadline=False), _retry_after(exc))
                 error = exc
         raise error or UpstreamTimeoutError("the request's deadline passed")

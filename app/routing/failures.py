@@ -21,6 +21,7 @@ class Failure(enum.Enum):
     CONTEXT = "context"  # the prompt does not fit: fall back to a larger window only
     DEADLINE = "deadline"  # the client's own deadline ran out: not the upstream's fault
     RATE_LIMITED = "rate_limited"  # 429: retry elsewhere or later; the limiter shrinks
+    MISCONFIGURED = "misconfigured"  # 401/403/404 upstream: another deployment, not this
     UPSTREAM = "upstream"  # 408, 5xx, connection, timeout, broken answer: retry
 
 
@@ -38,6 +39,11 @@ def classify(e: GatewayError, *, client_deadline: bool) -> Failure:
         status = e.upstream_status
         if status == 429:
             return Failure.RATE_LIMITED
+        # 401/403/404 from an upstream are about the gateway's own key or configured
+        # model, not the client's request: another deployment may answer, this one will
+        # not (so it is not retried, but its breaker counts it).
+        if status in (401, 403, 404):
+            return Failure.MISCONFIGURED
         if status == 408 or status >= 500:
             return Failure.UPSTREAM
         return Failure.CONTEXT if is_context_window_error(e) else Failure.CLIENT

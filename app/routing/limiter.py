@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -83,14 +84,17 @@ class ConcurrencyLimiter:
             self._wake()
             return
         now = self._clock()
-        if overloaded or latency_s > self.policy.latency_threshold_s:
-            # Multiplicative decrease, from what was in flight when the upstream pushed
-            # back (that is where its capacity showed) rather than from the limit, which
-            # may be far above it; a burst of errors from one overload is one step.
-            if now - self._last_decrease >= self.policy.decrease_gap_s or in_flight < self.limit:
-                target = max(in_flight, 1) * self.policy.decrease_factor
-                self.limit = max(self.policy.minimum, min(self.limit, target))
-                self._ceiling = float(max(in_flight, 1))
+        slow = latency_s > self.policy.latency_threshold_s
+        if overloaded or slow:
+            # Multiplicative decrease, at most once per gap: a burst of errors from one
+            # overload is one step, not a collapse. A 429 or 5xx cuts from what was in
+            # flight when the upstream pushed back (where its capacity showed, perhaps
+            # far under the limit); a slow answer cuts from the limit.
+            if now - self._last_decrease >= self.policy.decrease_gap_s:
+                base = min(self.limit, float(in_flight)) if overloaded else self.limit
+                self.limit = max(self.policy.minimum, base * self.policy.decrease_factor)
+                if overloaded:
+                    self._ceiling = float(max(in_flight, 1))
                 self._last_decrease = now
         elif ok:
             step = 1.0 / max(self.limit, 1.0)
@@ -109,9 +113,13 @@ class ConcurrencyLimiter:
         loop.call_later(seconds, self._wake)
 
     def _wake(self) -> None:
-        free = (
-            len(self._waiters) if self.limit == float("inf") else int(self.limit) - self.in_flight
-        )
+        if not self._waiters:
+            return
+        if self.limit == float("inf"):
+            free = len(self._waiters)
+        else:
+            # _has_room admits while in_flight < limit, so a fractional limit has a slot.
+            free = math.ceil(self.limit) - self.in_flight
         for waiter in list(self._waiters)[: max(free, 0)]:
             if not waiter.done():
                 waiter.set_result(None)

@@ -189,6 +189,12 @@ async def test_breaker_opens_half_opens_and_closes(serve: Any, fake: FakeServer)
         for _ in range(3):
             resp = await post(gw, chat_body("r"))
             assert resp.headers["x-flywheel-deployment"] == flaky  # closed again
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            admin = await client.get(
+                "/admin/cooldowns", headers={"authorization": f"Bearer {MASTER}"}
+            )
+        states = {d["deployment"]: d["circuit"]["state"] for d in admin.json()["data"]}
+        assert states[flaky] == "closed"
 
 
 async def test_all_open_probes_instead_of_failing(serve: Any, fake: FakeServer) -> None:
@@ -205,6 +211,60 @@ async def test_all_open_probes_instead_of_failing(serve: Any, fake: FakeServer) 
         fake.state.failing.discard(flaky)
         # The only deployment is open for 30 s, yet the request is tried, not refused.
         assert (await post(gw, chat_body("r"))).status_code == 200
+
+
+async def test_all_open_sends_one_probe_not_every_request(serve: Any, fake: FakeServer) -> None:
+    dead = "toggle-dead"
+    fake.state.failing.add(dead)
+    route = {
+        "retries": 0,
+        "breaker": {"min_requests": 2, "cooldown_s": 30, "probes": 1},
+        "deployments": [dep(fake, "slow-300", name="slowdead", priority=0)],
+    }
+    routes = {
+        "r": {
+            "retries": 0,
+            "breaker": {"min_requests": 2, "cooldown_s": 30, "probes": 1},
+            "deployments": [dep(fake, dead)],
+        },
+        "slowish": route,
+    }
+    async with serve(**routes) as gw:
+        for _ in range(2):
+            await post(gw, chat_body("r"))
+        before = fake.state.count(dead)
+        answers = await asyncio.gather(*(post(gw, chat_body("r")) for _ in range(10)))
+    assert fake.state.count(dead) - before <= 1
+    refused = [a for a in answers if a.status_code == 503]
+    assert refused
+    assert int(refused[0].headers["retry-after"]) >= 1
+
+
+async def test_fallback_past_a_route_with_no_usable_deployment(
+    serve: Any, fake: FakeServer
+) -> None:
+    routes = {
+        "main": {
+            "fallbacks": ["keyless", "good"],
+            "deployments": [dep(fake, "fail-500")],
+            "retries": 0,
+        },
+        "keyless": {
+            "deployments": [
+                {
+                    "name": "k",
+                    "provider": "anthropic",
+                    "model": "c",
+                    "api_key_env": "NO_SUCH_KEY_SET",
+                }
+            ]
+        },
+        "good": {"deployments": [dep(fake, "gpt-fake")]},
+    }
+    async with serve(**routes) as gw:
+        resp = await post(gw, chat_body("main"))
+    assert resp.status_code == 200
+    assert resp.headers["x-flywheel-route"] == "good"
 
 
 async def test_stream_cut_never_falls_back(serve: Any, fake: FakeServer) -> None:

@@ -39,12 +39,14 @@ def test_breaker_half_open_probes_then_closes() -> None:
     clock.now += 10.1
     assert b.current() == "half_open"
     assert b.allows()
-    b.begin()
-    b.begin()
+    assert b.begin()
+    assert b.begin()
     assert not b.allows()  # only two probes at once
-    b.success()
+    b.success()  # a request from before it opened: no evidence of recovery
     assert b.current() == "half_open"
-    b.success()
+    b.success(probe=True)
+    assert b.current() == "half_open"
+    b.success(probe=True)
     assert b.current() == "closed"
 
 
@@ -56,10 +58,25 @@ def test_repeat_failure_pushes_cooldown_later_never_earlier() -> None:
     assert first == clock.now + 30  # Retry-After longer than the cooldown wins
     clock.now += 31
     assert b.current() == "half_open"
-    b.begin()
-    b.failure()
-    assert b.open_until >= clock.now + 20  # doubled cooldown
+    for _ in range(5):
+        b.failure()  # stragglers sent before it opened do not extend the cooldown
+    assert b.current() == "half_open"
+    assert b.begin()
+    b.failure(probe=True)
+    assert b.open_until >= clock.now + 20  # a failed probe: doubled cooldown
     assert b.open_until > first
+
+
+def test_only_one_forced_probe_at_a_time() -> None:
+    clock = Clock()
+    b = Breaker(BreakerPolicy(min_requests=1, cooldown_s=60), clock)
+    b.failure()
+    assert b.current() == "open"
+    assert b.may_force_probe()
+    assert b.begin()
+    assert not b.may_force_probe()
+    b.neutral(probe=True)
+    assert b.may_force_probe()
 
 
 def test_neutral_outcomes_do_not_count() -> None:
@@ -77,11 +94,30 @@ def test_limiter_grows_on_success_and_cuts_to_in_flight_on_overload() -> None:
         assert lim.try_acquire()
         lim.release(ok=True)
     assert lim.limit > 6
-    for _ in range(10):
+    grown = lim.limit
+    for _ in range(6):
         assert lim.try_acquire()
-    lim.release(ok=False, overloaded=True)  # 10 were in flight when it said 429
-    assert lim.limit == 9.0
-    assert not lim.try_acquire() or lim.in_flight <= 9
+    lim.release(ok=False, overloaded=True)  # 6 were in flight when it said 429
+    assert lim.limit == min(grown, 6) * 0.9
+    lim.release(ok=False, overloaded=True)  # same burst: no second step
+    assert lim.limit == min(grown, 6) * 0.9
+
+
+async def test_limiter_wakes_a_waiter_for_a_fractional_slot() -> None:
+    import asyncio
+    import time
+
+    lim = ConcurrencyLimiter(LimiterPolicy(initial=2.5))
+    assert lim.try_acquire()
+    assert lim.try_acquire()
+    assert lim.try_acquire()  # 2 < 2.5: a third fits
+    waiter = asyncio.ensure_future(lim.acquire(2.0))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    started = time.monotonic()
+    lim.release(ok=True)
+    assert await asyncio.wait_for(waiter, 1.0)
+    assert time.monotonic() - started < 0.5
 
 
 def test_limiter_slow_latency_counts_as_overload_and_disabled_never_limits() -> None:
