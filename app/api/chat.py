@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
+from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline, resolve_route
@@ -49,15 +50,7 @@ async def handle(
 
         def call(target: Target) -> ChatCall:
             exchange.target = target
-            return ChatCall(
-                request=chat,
-                body=body,
-                deployment=target.deployment,
-                api_key=target.api_key,
-                timeout_s=target.timeout_s,
-                on_headers=target.on_headers,
-                request_id=rid,
-            )
+            return chat_call(target, chat, body, rid)
 
         if chat.stream:
             return await _stream(state, route, call, chat, exchange, deadline, client_set)

@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 from fastapi.responses import Response
 
+from app.api.calls import chat_call
 from app.api.exchange import Exchange
 from app.errors import GatewayError, InvalidRequestError, UpstreamError
-from app.providers.base import ChatCall
 from app.routing.ensemble import Member, merge
 from app.routing.router import Target
 from app.schemas.chat import ChatCompletionRequest
@@ -43,15 +43,7 @@ async def run_ensemble(
 
     async def member(name: str) -> Member:
         def call(target: Target) -> Any:
-            request = ChatCall(
-                request=chat,
-                body=body,
-                deployment=target.deployment,
-                api_key=target.api_key,
-                timeout_s=target.timeout_s,
-                on_headers=target.on_headers,
-                request_id=exchange.request_id,
-            )
+            request = chat_call(target, chat, body, exchange.request_id)
             return state.providers.get(target.deployment.provider).complete(request)
 
         started = time.perf_counter()
