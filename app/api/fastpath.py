@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -33,11 +34,6 @@ ARM_DELAY_S = 0.05
 FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.handle}
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    # ASGI gives header names in lower case already.
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-
-
 class Gateway(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -53,7 +49,7 @@ class Gateway(FastAPI):
         watcher = _DisconnectWatcher(receive)
         try:
             read = receive_body(receive, on_end=watcher.start)
-            response = await handler(state, rid, read, _headers(scope))
+            response = await handler(state, rid, read, Headers(scope=scope))
         except GatewayError as e:
             response = error_response(e)
         except ClientDisconnect:
