@@ -47,7 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     routes: RoutesFile = app.state.routes
     engine = make_engine(settings.database_dsn)
-    schema_ok = await check_schema(engine)  # raises on a mismatch: refuse to start
+    # Raises on a mismatch (refuse to start); an unreachable database only degrades.
+    await check_schema(engine)
     http = make_session(
         max_connections=settings.flywheel_upstream_max_connections,
         connect_timeout_s=settings.flywheel_upstream_connect_timeout_s,
@@ -69,7 +70,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine=engine,
         recorder=recorder,
         started_at=time.time(),
-        schema_ok=schema_ok,
         metrics=make_registry(dispatcher),
     )
     if redis is not None and any(r.strategy == "adaptive" for r in routes.routes.values()):

@@ -29,5 +29,4 @@ class AppState:
     engine: AsyncEngine
     recorder: Recorder
     started_at: float
-    schema_ok: bool
     metrics: CollectorRegistry

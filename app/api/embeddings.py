@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
+from app.api.calls import embed_call
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline
 from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
-from app.providers.base import JSON, EmbedCall
+from app.providers.base import JSON
 from app.routing.router import Target
 from app.schemas.embeddings import EMBEDDING_REQUEST
 from app.state import AppState
@@ -40,15 +41,7 @@ async def handle(
 
         def attempt(target: Target) -> Awaitable[JSON]:
             exchange.target = target
-            call = EmbedCall(
-                request=req,
-                body=body,
-                deployment=target.deployment,
-                api_key=target.api_key,
-                timeout_s=target.timeout_s,
-                on_headers=target.on_headers,
-                request_id=rid,
-            )
+            call = embed_call(target, req, body, rid)
             return state.providers.get(target.deployment.provider).embed(call)
 
         sent = time.perf_counter()

@@ -140,11 +140,22 @@ class _Post:
         *,
         headers: Mapping[str, str],
         body: JSON,
-        limits: aiohttp.ClientTimeout,
+        timeout_s: float,
+        stream: bool,
         reader: ErrorReader,
         secret: str,
         on_headers: HeaderHook | None = None,
     ) -> None:
+        # A per-request timeout replaces the session's whole: keep its connect bound.
+        # A JSON answer must be whole within `timeout_s`; a stream, each wait for data.
+        connect = session.timeout.sock_connect
+        limits = (
+            aiohttp.ClientTimeout(
+                total=None, connect=timeout_s, sock_connect=connect, sock_read=timeout_s
+            )
+            if stream
+            else aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect)
+        )
         self._ctx = session.post(
             url,
             data=orjson.dumps(body),
@@ -191,14 +202,13 @@ async def post_json(
     secret: str,
     on_headers: HeaderHook | None = None,
 ) -> JSON:
-    # A per-request timeout replaces the session's whole: keep its connect bound.
-    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=session.timeout.sock_connect)
     async with _Post(
         session,
         url,
         headers=headers,
         body=body,
-        limits=timeout,
+        timeout_s=timeout_s,
+        stream=False,
         reader=reader,
         secret=secret,
         on_headers=on_headers,
@@ -229,18 +239,13 @@ async def stream_lines(
     Reading whatever has arrived and splitting it here costs one await per network read
     instead of one per line; the timeout bounds each wait for data.
     """
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=timeout_s,
-        sock_connect=session.timeout.sock_connect,
-        sock_read=timeout_s,
-    )
     async with _Post(
         session,
         url,
         headers=headers,
         body=body,
-        limits=timeout,
+        timeout_s=timeout_s,
+        stream=True,
         reader=reader,
         secret=secret,
         on_headers=on_headers,

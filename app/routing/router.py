@@ -104,24 +104,9 @@ class Router:
                     route=name,
                     config=d,
                     api_key=key,
-                    breaker=Breaker(
-                        BreakerPolicy(
-                            window_s=b.window_s,
-                            min_requests=b.min_requests,
-                            failure_rate=b.failure_rate,
-                            cooldown_s=b.cooldown_s,
-                            max_cooldown_s=b.max_cooldown_s,
-                            probes=b.probes,
-                        )
-                    ),
+                    breaker=Breaker(BreakerPolicy(**b.model_dump())),
                     limiter=ConcurrencyLimiter(
-                        LimiterPolicy(
-                            adaptive=c.adaptive,
-                            initial=c.initial,
-                            minimum=c.minimum,
-                            maximum=c.maximum,
-                            latency_threshold_s=c.latency_threshold_s,
-                        )
+                        LimiterPolicy(**c.model_dump(exclude={"max_wait_factor"}))
                     ),
                 )
             )
@@ -220,9 +205,6 @@ class Router:
             keyed.append((u ** (1.0 / weight) if weight > 0 else -1.0, d))
         keyed.sort(key=lambda kw: kw[0], reverse=True)
         return [d for _, d in keyed]
-
-    def find(self, route: str, deployment: str) -> Deployment | None:
-        return next((d for d in self.deployments.get(route, []) if d.name == deployment), None)
 
     def context_window(self, name: str) -> int:
         """The largest context window among a route's deployments (0 when unknown)."""

@@ -28,7 +28,3 @@ class LatencyStats:
             return None
         ordered = sorted(self._ttfb)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    @property
-    def samples(self) -> int:
-        return len(self._ttfb)
