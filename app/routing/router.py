@@ -1,7 +1,7 @@
 """Route lookup, conditional rules, and the order in which a route's deployments are tried.
 
 Strategies: `priority` (ordered failover), `weighted` (weighted random), `least_latency`
-(lowest EWMA first, with a little exploration) and `adaptive` (weights the virtuous
+(lowest recent median latency first, with a little exploration) and `adaptive` (weights the virtuous
 cycle writes to Redis; until it has, the configured weights). Each deployment has its
 runtime state here: breaker, concurrency limiter and latency statistics.
 """
@@ -186,10 +186,14 @@ class Router:
                 out += self._weighted_order(by_level[level], {})
             return out
         if route.strategy == "least_latency":
+            # Deployments never measured go first: that is how they get measured. Now
+            # and then the least recently measured one goes first, so a deployment that
+            # was slow once is measured again instead of being avoided for good.
+            by_latency = sorted(pool, key=lambda d: d.stats.typical_s)
             if self._rng.random() < EXPLORATION:
-                return self._rng.sample(pool, len(pool))
-            # Deployments never measured go first: that is how they get measured.
-            return sorted(pool, key=lambda d: d.stats.ewma_s or 0.0)
+                stalest = min(pool, key=lambda d: d.stats.observed_at)
+                return [stalest, *(d for d in by_latency if d is not stalest)]
+            return by_latency
         learned = self.learned_weights.get(name, {}) if route.strategy == "adaptive" else {}
         return self._weighted_order(pool, learned)
 

@@ -180,3 +180,17 @@ def test_rate_limit_header_pacing() -> None:
         "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:03Z",
     }
     assert pause_for(hint, now) == 3.0
+
+
+def test_least_latency_recovers_from_one_slow_first_sample() -> None:
+    router = _router("least_latency")
+    a, b = router.deployments["r"]
+    a.stats.observe(0.05)  # a cold first call
+    for _ in range(5):
+        b.stats.observe(0.04)
+    firsts = [router.ordered("r")[0].name for _ in range(200)]
+    assert firsts.count("b") > 150  # b is faster on the evidence so far
+    a.stats.observe(0.002)  # measured again (exploration): now clearly faster
+    a.stats.observe(0.002)
+    firsts = [router.ordered("r")[0].name for _ in range(200)]
+    assert firsts.count("a") > 150
