@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import check, report, ttft, wrk
 from bench.body import ChatBody
-from bench.gateway import Gateway, GatewaySetup, start_measured
+from bench.gateway import Gateway, GatewaySetup, start_measured, start_reference
 from bench.procs import BenchError, Processes
 from bench.report import CONCURRENCY, Figures
 from bench.resilience import render as render_resilience
@@ -89,10 +89,13 @@ def progress(message: str) -> None:
 class Run:
     """One pass over the whole matrix; collects its figures."""
 
-    def __init__(self, args: argparse.Namespace, wrk_bin: str, nginx_port: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, wrk_bin: str, nginx_port: int, reference: str | None
+    ) -> None:
         self.args = args
         self.wrk_bin = wrk_bin
         self.direct = f"http://127.0.0.1:{nginx_port}"
+        self.reference = reference
         self.fig: Figures = {}
 
     def sides(self, kind: str, gateway: Gateway | None) -> list[tuple[str, str, ChatBody]]:
@@ -101,6 +104,9 @@ class Run:
         unique = not self.args.same_prompt
         path = "/stream/v1/chat/completions" if stream else "/v1/chat/completions"
         sides = [("direct", self.direct + path, ChatBody("gpt-4o-mini", stream, unique))]
+        if self.reference is not None and not stream:
+            url = f"{self.reference}/v1/chat/completions"
+            sides.append(("reference", url, ChatBody("gpt-4o-mini", stream, unique)))
         if gateway is not None:
             body = ChatBody(f"bench-{kind}", stream, unique)
             sides.append(("gateway", f"{gateway.url}/v1/chat/completions", body))
@@ -110,7 +116,7 @@ class Run:
         for kind, _ in report.KINDS:
             for side, url, body in self.sides(kind, gateway):
                 progress(f"  {kind:<6} {side:<8} answers OK ({check.verify(url, body)})")
-                if side == "gateway":  # pools, caches and lazy imports, off the record
+                if side != "direct":  # pools, caches and lazy imports, off the record
                     wrk.run(self.wrk_bin, url, body, connections=16, seconds=WARMUP_S)
             for c in CONCURRENCY:
                 for side, url, body in self.sides(kind, gateway):
@@ -254,13 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp = Path(tmp_name)
             _, nginx_port = start_nginx(procs, tmp / "nginx", nginx)
             setup = None
+            reference = None
             if not args.direct_only:
                 setup = GatewaySetup(tmp / "gateway", nginx_port, start_redis(procs, tmp))
+                reference = start_reference(procs, tmp / "reference", nginx_port)
             if setup is not None:
                 setup.prepare()
             for i in range(args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
-                runs.append(run_once(procs, Run(args, wrk_bin, nginx_port), setup))
+                runs.append(run_once(procs, Run(args, wrk_bin, nginx_port, reference), setup))
             if setup is not None and not args.no_resilience:
                 progress("resilience scenarios (hedging, adaptive concurrency)")
                 resilience = run_resilience(

@@ -62,6 +62,40 @@ class Gateway:
             raise BenchError(f"the gateway exited ({self.proc.returncode}){log_tail(self.log)}")
 
 
+def uvicorn_argv(app: str, port: int) -> list[str]:
+    """One uvicorn worker as production runs it (uvloop, httptools, no access log)."""
+    return [
+        str(BIN / "uvicorn"),
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+    ]
+
+
+def start_reference(procs: Processes, tmp: Path, upstream_port: int) -> str:
+    """The calibration pass-through (bench/reference.py) on its own port; its base URL."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(os.environ, BENCH_UPSTREAM=f"http://127.0.0.1:{upstream_port}/v1/chat/completions")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO / "scripts"), env.get("PYTHONPATH")])
+    )
+    log = tmp / "reference.log"
+    since = time.perf_counter()
+    proc = procs.start(uvicorn_argv("bench.reference:app", port), env=env, cwd=tmp, log=log)
+    wait_for_http(proc, port, "/health", timeout_s=START_TIMEOUT_S, log=log, since=since)
+    return f"http://127.0.0.1:{port}"
+
+
 @dataclass(frozen=True)
 class GatewaySetup:
     """Everything one gateway process needs; `prepare` writes the files and migrates."""
@@ -110,21 +144,7 @@ class GatewaySetup:
     def start(self, procs: Processes) -> tuple[Gateway, float]:
         """Spawn uvicorn and wait for /health; the gateway and its cold start in seconds."""
         port = free_port()
-        argv = [
-            str(BIN / "uvicorn"),
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-        ]
+        argv = uvicorn_argv("app.main:app", port)
         # The gateway's cwd is the temp dir, so a developer's .env or flywheel.yaml in
         # the repository does not leak into the measurement.
         since = time.perf_counter()
