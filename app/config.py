@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     flywheel_redis_timeout_s: float = Field(default=0.25, gt=0)
     flywheel_redis_prefix: str = "flywheel:"
     flywheel_weights_refresh_s: float = Field(default=5.0, gt=0)
+    flywheel_cache_mode: Literal["on", "off", "read_only", "write_only"] = "off"
+    flywheel_cache_ttl_s: float = Field(default=3600.0, gt=0)
+    flywheel_cache_max_ttl_s: float = Field(default=30 * 86400.0, gt=0)
+    flywheel_cache_l1_max_entries: int = Field(default=10_000, ge=0)
+    flywheel_cache_l1_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    flywheel_cache_redis_timeout_s: float = Field(default=0.1, gt=0)
+    flywheel_cache_redis_max_connections: int = Field(default=64, gt=0)
+    flywheel_cache_compress_min_bytes: int = Field(default=1024, ge=0)
+    flywheel_cache_lock_wait_s: float = Field(default=10.0, ge=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api import admin, chat, embeddings, health, metrics, models
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
+from app.cache.service import make_cache
 from app.config import Settings
 from app.errors import install_error_handlers
 from app.observability.metrics import make_registry
@@ -38,6 +39,7 @@ from app.store.records import Recorder
 from app.store.redis import key, make_redis
 
 log = logging.getLogger("flywheel")
+GC_YOUNG_THRESHOLD = 10_000
 
 VERSION = "0.1.0"
 
@@ -56,6 +58,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = make_redis(settings)
     recorder = Recorder(redis, key(settings, "requests"))
     recorder.start()
+    cache = make_cache(settings)
+    cache_task = asyncio.create_task(cache.run_background(), name="cache") if cache.l2 else None
     weights_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
@@ -70,7 +74,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine=engine,
         recorder=recorder,
         started_at=time.time(),
-        metrics=make_registry(dispatcher),
+        metrics=make_registry(dispatcher, cache),
+        cache=cache,
     )
     if redis is not None and any(r.strategy == "adaptive" for r in routes.routes.values()):
         weights_task = asyncio.create_task(
@@ -80,17 +85,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             name="weights",
         )
     # Objects alive after start-up live for the whole process: freezing them keeps the
-    # collector from re-scanning them, which keeps GC pauses off the latency tail.
+    # collector from re-scanning them, which keeps GC pauses off the latency tail. A
+    # request allocates a few hundred containers, so the default young-generation
+    # threshold (700) ran a collection every request or two; at 10,000 the gateway
+    # spent ~8% less CPU per request in `make bench` A/B runs, for a few MB more heap.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     log.info("flywheel ready: %d routes, env=%s", len(routes.routes), settings.flywheel_env)
     try:
         yield
     finally:
-        if weights_task is not None:
-            weights_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await weights_task
+        for task in (weights_task, cache_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await cache.stop()
         await recorder.stop()
         await http.close()
         if redis is not None:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cache.service import ResponseCache
 from app.config import Settings
 from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile
@@ -30,3 +31,4 @@ class AppState:
     recorder: Recorder
     started_at: float
     metrics: CollectorRegistry
+    cache: ResponseCache

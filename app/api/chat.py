@@ -15,12 +15,14 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from app.api import cached
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import first_chunk, sse_body
+from app.cache.service import Flight
 from app.deps import StateDep, request_id
 from app.errors import GatewayError
 from app.providers.base import JSON, ChatCall
@@ -37,15 +39,30 @@ async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "chat.completions")
+    cache_plan: cached.CachePlan | None = None
+    flight: Flight | None = None
+    result: JSON | None = None
     try:
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
+        exchange.route = route
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
+        cache_plan = cached.plan(state, "chat", route, body, headers)
+        if cache_plan is not None and cache_plan.read:
+            wait = state.settings.flywheel_cache_lock_wait_s
+            found = await cached.look_up(state.cache, cache_plan, deadline, wait)
+            if found.cached is not None and found.tier is not None:
+                usage = chat.wants_usage_in_stream
+                return cached.hit_response(
+                    found.cached, found.tier, exchange, state, bool(chat.stream), usage
+                )
+            flight = found.flight
+            exchange.cache = "miss"
         provider_of = state.providers.get
 
         def call(target: Target) -> ChatCall:
@@ -53,7 +70,11 @@ async def handle(
             return chat_call(target, chat, body, rid)
 
         if chat.stream:
-            return await _stream(state, route, call, chat, exchange, deadline, client_set)
+            fill = (
+                None if cache_plan is None else cached.StreamFill(state.cache, cache_plan, flight)
+            )
+            flight = None  # the stream releases it when it ends
+            return await _stream(state, route, call, chat, exchange, deadline, client_set, fill)
         sent = time.perf_counter()
         won = await state.dispatcher.run(
             route,
@@ -75,7 +96,12 @@ async def handle(
         # upstream call has been cancelled with us; what it cost is unknown but noted.
         exchange.record(state.recorder, status=499, disconnected=True)
         raise
+    finally:
+        if flight is not None and result is None:
+            flight.finish(None, 0)  # failed or cancelled: its waiters proceed on their own
     result["id"] = rid
+    if cache_plan is not None:
+        cached.fill(state.cache, cache_plan, flight, result)
     choices = result.get("choices") or [{}]
     exchange.record(
         state.recorder,
@@ -94,6 +120,7 @@ async def _stream(
     exchange: Exchange,
     deadline: float,
     client_set: bool,
+    fill: cached.StreamFill | None,
 ) -> Response:
     async def attempt(target: Target) -> tuple[JSON, AsyncIterator[JSON]]:
         upstream = state.providers.get(target.deployment.provider).stream(call(target))
@@ -103,14 +130,19 @@ async def _stream(
         await pair[1].aclose()  # type: ignore[attr-defined]
 
     sent = time.perf_counter()
-    won = await state.dispatcher.run(
-        route,
-        attempt,
-        deadline=deadline,
-        count=exchange.count,
-        discard=discard,
-        client_deadline=client_set,
-    )
+    try:
+        won = await state.dispatcher.run(
+            route,
+            attempt,
+            deadline=deadline,
+            count=exchange.count,
+            discard=discard,
+            client_deadline=client_set,
+        )
+    except BaseException:
+        if fill is not None:
+            fill.close(complete=False)
+        raise
     exchange.target = won.target
     exchange.upstream_s = time.perf_counter() - sent
     exchange.ttft_s = time.perf_counter() - exchange.started
@@ -126,6 +158,7 @@ async def _stream(
             exchange=exchange,
             recorder=state.recorder,
             lease=won.lease,
+            fill=fill,
         ),
         media_type="text/event-stream",
         headers=headers,

@@ -9,10 +9,12 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from app.api import cached
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import embed_call
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline
+from app.cache.service import Flight
 from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
 from app.providers.base import JSON
@@ -29,6 +31,9 @@ async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "embeddings")
+    cache_plan: cached.CachePlan | None = None
+    flight: Flight | None = None
+    result: JSON | None = None
     try:
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
@@ -38,6 +43,15 @@ async def handle(
                 "input must not be empty", param="input", code="invalid_value"
             )
         deadline, client_set = request_deadline(state, req.model, headers)
+        exchange.route = req.model
+        cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
+        if cache_plan is not None and cache_plan.read:
+            wait = state.settings.flywheel_cache_lock_wait_s
+            found = await cached.look_up(state.cache, cache_plan, deadline, wait)
+            if found.cached is not None and found.tier is not None:
+                return cached.hit_response(found.cached, found.tier, exchange, state, False, False)
+            flight = found.flight
+            exchange.cache = "miss"
 
         def attempt(target: Target) -> Awaitable[JSON]:
             exchange.target = target
@@ -60,6 +74,11 @@ async def handle(
         exchange.record(state.recorder, status=e.status, error_code=e.code)
         e.headers.update(exchange.headers())
         raise
+    finally:
+        if flight is not None and result is None:
+            flight.finish(None, 0)  # failed or cancelled: its waiters proceed on their own
+    if cache_plan is not None:
+        cached.fill(state.cache, cache_plan, flight, result)
     exchange.record(state.recorder, status=200, usage=result.get("usage"))
     return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
 

@@ -21,6 +21,8 @@ class Exchange:
     attempts: int = 0
     upstream_s: float = 0.0
     ttft_s: float | None = None
+    route: str | None = None
+    cache: str = "bypass"  # hit-l1, hit-l2, miss or bypass
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -31,13 +33,15 @@ class Exchange:
 
     def headers(self) -> dict[str, str]:
         out = {
-            "x-flywheel-cache": "bypass",
+            "x-flywheel-cache": self.cache,
             "x-flywheel-attempts": str(self.attempts),
             "x-flywheel-overhead-ms": f"{self.overhead_ms():.2f}",
         }
         if self.target is not None:
             out["x-flywheel-route"] = self.target.route
             out["x-flywheel-deployment"] = self.target.deployment.name
+        elif self.route is not None:
+            out["x-flywheel-route"] = self.route
         return out
 
     def record(
@@ -61,7 +65,7 @@ class Exchange:
             RequestRecord(
                 request_id=self.request_id,
                 endpoint=self.endpoint,
-                route=self.target.route if self.target else None,
+                route=self.target.route if self.target else self.route,
                 deployment=d.name if d else None,
                 provider=d.provider if d else None,
                 model=d.model if d else None,
@@ -78,5 +82,6 @@ class Exchange:
                 client_disconnected=disconnected,
                 usage_estimated=usage_estimated,
                 attempts=self.attempts,
+                cache=self.cache,
             )
         )

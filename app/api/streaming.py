@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -28,6 +28,14 @@ from app.store.records import Recorder
 log = logging.getLogger("flywheel.stream")
 
 DONE = b"data: [DONE]\n\n"
+
+
+class StreamSink(Protocol):
+    """Sees every chunk sent, then how the stream ended (the cache's fill)."""
+
+    def feed(self, chunk: dict[str, Any]) -> None: ...
+
+    def close(self, complete: bool) -> None: ...
 
 
 def sse(obj: Any) -> bytes:
@@ -71,6 +79,7 @@ async def sse_body(
     exchange: Exchange,
     recorder: Recorder,
     lease: Lease,
+    fill: StreamSink | None = None,
 ) -> AsyncIterator[bytes]:
     tally = _Tally()
     wants_usage = request.wants_usage_in_stream
@@ -79,6 +88,8 @@ async def sse_body(
     try:
         while chunk is not None:
             tally.see(chunk)
+            if fill is not None:
+                fill.feed(chunk)  # before the usage the client did not ask for goes
             chunk["id"] = exchange.request_id
             if not wants_usage and "usage" in chunk:
                 # The gateway asked the upstream for usage; the client did not.
@@ -105,6 +116,8 @@ async def sse_body(
         disconnected = True
         raise
     finally:
+        if fill is not None:
+            fill.close(complete=complete)
         if complete:
             lease.succeeded(ttfb_s=exchange.ttft_s)
         elif disconnected:

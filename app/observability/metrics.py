@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.cache.service import ResponseCache
 from app.routing.dispatch import Dispatcher
 
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -56,7 +57,42 @@ class RoutingCollector(Collector):
         yield from (circuit, opened, limit, in_flight, rejected, hedges)
 
 
-def make_registry(dispatcher: Dispatcher) -> CollectorRegistry:
+class CacheCollector(Collector):
+    """The response cache's counters per tier (l1, l2), read at scrape time."""
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        c, s = self._cache, self._cache.stats
+        hits = CounterMetricFamily("flywheel_cache_hits", "Cache hits", labels=["tier"])
+        misses = CounterMetricFamily("flywheel_cache_misses", "Cache misses", labels=["tier"])
+        hit_time = CounterMetricFamily(
+            "flywheel_cache_hit_seconds", "Time spent serving lookups that hit", labels=["tier"]
+        )
+        for name, tier in (("l1", s.l1), ("l2", s.l2)):
+            hits.add_metric([name], tier.hits)
+            misses.add_metric([name], tier.misses)
+            hit_time.add_metric([name], tier.hit_seconds)
+        yield from (hits, misses, hit_time)
+        yield GaugeMetricFamily("flywheel_cache_entries", "L1 entries", value=len(c.l1))
+        yield GaugeMetricFamily("flywheel_cache_bytes", "L1 bytes", value=c.l1.bytes)
+        yield CounterMetricFamily("flywheel_cache_evictions", "L1 evictions", value=c.l1.evictions)
+        yield CounterMetricFamily("flywheel_cache_stores", "Answers stored", value=s.stores)
+        yield CounterMetricFamily(
+            "flywheel_cache_coalesced",
+            "Requests that waited for an identical one",
+            value=s.coalesced,
+        )
+        if c.l2 is not None:
+            yield GaugeMetricFamily("flywheel_cache_l2_up", "1 when L2 answers", value=c.l2.up)
+            yield CounterMetricFamily(
+                "flywheel_cache_l2_failures", "Failed L2 calls", value=c.l2.failures
+            )
+
+
+def make_registry(dispatcher: Dispatcher, cache: ResponseCache) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RoutingCollector(dispatcher))
+    registry.register(CacheCollector(cache))
     return registry

@@ -101,6 +101,18 @@ class EnsembleConfig(_Strict):
     members: list[str] = Field(min_length=2)
 
 
+CacheMode = Literal["on", "off", "read_only", "write_only"]
+
+
+class CacheConfig(_Strict):
+    """The route's response cache; a route without one follows FLYWHEEL_CACHE_MODE/TTL_S."""
+
+    mode: CacheMode = "on"
+    ttl_s: float | None = Field(default=None, gt=0)
+    # Store answers cut by max_tokens (finish_reason "length") too.
+    store_truncated: bool = False
+
+
 class RouteConfig(_Strict):
     strategy: Strategy = "weighted"
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -113,6 +125,7 @@ class RouteConfig(_Strict):
     ensemble: EnsembleConfig | None = None
     breaker: BreakerConfig = BreakerConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    cache: CacheConfig | None = None
 
     @model_validator(mode="after")
     def _deployments_or_ensemble(self) -> RouteConfig:
@@ -228,6 +241,7 @@ def default_routes(settings: Settings) -> RoutesFile:
                     "mock": {"latency_ms": 120, "jitter_ms": 30, "quality": 0.98, "seed": 2},
                 },
             ],
+            "cache": {"mode": "on", "ttl_s": 300},
         }
     }
     for route, provider, model, key_env, api_base, cost_in, cost_out in _EXAMPLES:

@@ -50,6 +50,7 @@ class RequestRecord:
     client_disconnected: bool = False
     usage_estimated: bool = False
     attempts: int = 1
+    cache: str = "bypass"  # the cache tier that answered: hit-l1, hit-l2, miss, bypass
     extra: dict[str, Any] = field(default_factory=dict)
 
 

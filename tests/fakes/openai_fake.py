@@ -89,7 +89,7 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
         return await _weird(request, body)
     calls = _tool_calls(body)
     text = "" if calls else answer_text(body)
-    finish = "tool_calls" if calls else "stop"
+    finish = "tool_calls" if calls else ("length" if kind == "length" else "stop")
     if body.get("stream"):
         return await _stream(state, request, body, text, calls, finish, kind, value)
     message: dict[str, Any] = {"role": "assistant", "content": text or None}

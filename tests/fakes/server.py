@@ -17,6 +17,7 @@ serves every behaviour at once:
   cap-<n>         429 when more than n requests are in flight; 50 ms each
   ctx-exceeded    400 context_length_exceeded, OpenAI's shape
   exhausted       a normal answer whose rate-limit headers say no requests remain (1 s)
+  length          a normal answer cut by max_tokens (`finish_reason: length`)
 anything else     a normal answer
 """
 
@@ -74,7 +75,7 @@ def fault_of(model: str) -> tuple[str, int]:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted"):
+    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted", "length"):
         return model, 0
     if model.startswith("toggle-"):
         return "toggle", 0

@@ -1,0 +1,176 @@
+"""The response cache on the request path: the policy, serving hits, filling misses.
+
+Policy: the route's `cache:` section (or FLYWHEEL_CACHE_MODE/TTL_S), narrowed by the
+request: `Cache-Control: no-cache` skips the read, `no-store` the write, and
+`x-flywheel-cache-ttl` sets the TTL. Only complete, successful answers are stored. A
+cached chat answer serves both JSON and streaming requests (a stream is replayed chunk
+by chunk), whichever kind of request filled it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import Response, StreamingResponse
+
+from app.api.exchange import Exchange
+from app.api.streaming import DONE, sse
+from app.cache.answer import StreamAssembler, is_cacheable, replay_chunks
+from app.cache.entry import Cached
+from app.cache.keys import cache_key, tenant_of
+from app.cache.service import Flight, ResponseCache
+from app.errors import InvalidRequestError
+from app.state import AppState
+
+TTL_HEADER = "x-flywheel-cache-ttl"
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    key: str
+    route: str
+    kind: str
+    read: bool
+    write: bool
+    ttl_s: float
+    store_truncated: bool
+
+
+def plan(
+    state: AppState, kind: str, route: str, body: dict[str, Any], headers: Mapping[str, str]
+) -> CachePlan | None:
+    """What the cache may do for this request; None when it may do nothing."""
+    settings = state.settings
+    config = state.router.route(route).cache
+    mode = config.mode if config is not None else settings.flywheel_cache_mode
+    read, write = mode in ("on", "read_only"), mode in ("on", "write_only")
+    if not (read or write):
+        return None
+    control = headers.get("cache-control")
+    if control:
+        directives = {part.split("=")[0].strip().lower() for part in control.split(",")}
+        read = read and "no-cache" not in directives
+        write = write and "no-store" not in directives
+    ttl = (config.ttl_s if config is not None else None) or settings.flywheel_cache_ttl_s
+    raw_ttl = headers.get(TTL_HEADER)
+    if raw_ttl is not None:
+        ttl = _ttl(raw_ttl, settings.flywheel_cache_max_ttl_s)
+    if not (read or write):
+        return None
+    key = cache_key(
+        settings.flywheel_redis_prefix,
+        kind,
+        route,
+        body,
+        tenant=tenant_of(headers.get("authorization")),
+    )
+    truncated = config.store_truncated if config is not None else False
+    return CachePlan(key, route, kind, read, write, ttl, truncated)
+
+
+def _ttl(raw: str, maximum: float) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= maximum:
+        raise InvalidRequestError(
+            f"{TTL_HEADER} must be a number of seconds in (0, {maximum:g}]",
+            param=TTL_HEADER,
+            code="invalid_value",
+        )
+    return seconds
+
+
+@dataclass(slots=True)
+class Lookup:
+    """A hit, or the flight this request leads (None when it proceeds on its own)."""
+
+    cached: Cached | None = None
+    tier: str | None = None
+    flight: Flight | None = None
+
+
+async def look_up(cache: ResponseCache, p: CachePlan, deadline: float, wait_s: float) -> Lookup:
+    cached = cache.get_l1(p.key)
+    if cached is not None:
+        return Lookup(cached, "hit-l1")
+    cached = await cache.get_l2(p.key, p.ttl_s)
+    if cached is not None:
+        return Lookup(cached, "hit-l2")
+    if not p.write:
+        return Lookup()
+    left = max(0.0, deadline - time.monotonic())
+    joined = await cache.join(p.key, wait_s=min(wait_s, left), lock_ttl_s=left + 1.0, ttl_s=p.ttl_s)
+    return Lookup(joined.cached, joined.tier, joined.flight)
+
+
+def fill(cache: ResponseCache, p: CachePlan, flight: Flight | None, answer: Any) -> None:
+    """Store a finished answer if it deserves it; release the flight either way."""
+    cached = None
+    if p.write and isinstance(answer, dict):
+        if is_cacheable(answer, allow_length=p.store_truncated):
+            cached = Cached.of(p.kind, p.route, answer)
+        else:
+            cache.stats.not_stored += 1
+    if flight is not None:
+        flight.finish(cached, p.ttl_s)
+    elif cached is not None:
+        cache.put(p.key, cached, p.ttl_s)
+
+
+class StreamFill:
+    """Assembles a stream as it passes; stores it when it ended complete and clean."""
+
+    __slots__ = ("_assembler", "_cache", "_flight", "_plan")
+
+    def __init__(self, cache: ResponseCache, p: CachePlan, flight: Flight | None) -> None:
+        self._cache = cache
+        self._plan = p
+        self._flight = flight
+        self._assembler = StreamAssembler()
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        self._assembler.feed(chunk)
+
+    def close(self, complete: bool) -> None:
+        answer = self._assembler.result() if complete else None
+        if answer is None:
+            if self._flight is not None:
+                self._flight.finish(None, 0)
+            return
+        fill(self._cache, self._plan, self._flight, answer)
+
+
+def hit_response(
+    cached: Cached, tier: str, exchange: Exchange, state: AppState, stream: bool, usage: bool
+) -> Response:
+    """Serve a cached answer as JSON, or replayed as a stream; recorded as a hit."""
+    exchange.cache = tier
+    exchange.stream = stream
+    answer = cached.answer
+    choices = answer.get("choices") or [{}]
+    exchange.record(
+        state.recorder,
+        status=200,
+        usage=answer.get("usage"),
+        finish_reason=choices[0].get("finish_reason") if cached.kind == "chat" else None,
+    )
+    headers = exchange.headers()
+    if not stream:
+        return Response(
+            cached.json_body(exchange.request_id), media_type="application/json", headers=headers
+        )
+    chunks = replay_chunks(answer, request_id=exchange.request_id, include_usage=usage)
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    return StreamingResponse(_replay(chunks), media_type="text/event-stream", headers=headers)
+
+
+async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield sse(chunk)
+    yield DONE

@@ -1,0 +1,1 @@
+"""The two-tier response cache (L1 in-process, L2 Redis)."""
