@@ -44,6 +44,7 @@ def cache_routes(base: str) -> Any:
         read_only=openai_route(base) | {"cache": {"mode": "read_only"}},
         write_only=openai_route(base) | {"cache": {"mode": "write_only"}},
         plain=openai_route(base),
+        embed=openai_route(base, "text-embedding-3-small") | on,
     )
 
 
@@ -320,3 +321,18 @@ async def test_metrics_purge_and_prewarm(
         assert (await post(fresh, body(m))).headers["x-flywheel-cache"] == "miss"
         missing = await client.delete("/admin/cache", params={"route": "nope"})
         assert missing.status_code == 404
+
+
+async def test_embeddings_are_cached(cgw: Served, openai_upstream: FakeServer) -> None:
+    m = uuid.uuid4().hex
+    payload = {"model": "embed", "input": [f"first {m}", "second"], "user": "u1"}
+    async with httpx.AsyncClient(base_url=cgw.url, timeout=10) as client:
+        first = await client.post("/v1/embeddings", json=payload)
+        second = await client.post("/v1/embeddings", json={**payload, "user": "u2"})
+        other = await client.post("/v1/embeddings", json={**payload, "dimensions": 8})
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-flywheel-cache"] == "miss"
+    assert second.headers["x-flywheel-cache"] == "hit-l1"
+    assert other.headers["x-flywheel-cache"] == "miss"
+    assert second.json()["data"] == first.json()["data"]
+    assert calls(openai_upstream, m) == 2
