@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.config import Settings
 
@@ -111,6 +111,14 @@ class CacheConfig(_Strict):
     ttl_s: float | None = Field(default=None, gt=0)
     # Store answers cut by max_tokens (finish_reason "length") too.
     store_truncated: bool = False
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `on`/`off` as a boolean: take it as the word it was.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class RouteConfig(_Strict):

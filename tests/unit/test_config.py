@@ -148,3 +148,15 @@ def test_bad_routes_file_names_file_and_key(tmp_path: Path, text: str, needle: s
 def test_missing_routes_file(tmp_path: Path) -> None:
     with pytest.raises(RoutesFileError, match="cannot read"):
         load_routes_file(tmp_path / "absent.yaml")
+
+
+def test_route_cache_mode_reads_bare_yaml_on_and_off(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "routes:\n"
+        "  a: {deployments: [{name: m, provider: mock, model: m}], cache: {mode: on}}\n"
+        "  b: {deployments: [{name: m, provider: mock, model: m}], cache: {mode: off}}\n"
+    )
+    routes = load_routes_file(path)
+    modes = {name: r.cache.mode for name, r in routes.routes.items() if r.cache is not None}
+    assert modes == {"a": "on", "b": "off"}
