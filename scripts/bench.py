@@ -3,10 +3,12 @@
 For JSON and streaming chat completions at concurrency 1, 16 and 64, wrk drives load
 for a bounded time straight at nginx and then through the gateway, in the same run, so
 "added" figures are gateway minus direct. Also measured: time to first token (c=1),
-the gateway's RSS idle and after load, and its cold start. Everything listens on
+the gateway's RSS idle and after load, its cold start, and cache hits (one identical
+JSON request answered from L1, then from L2 by a gateway without L1; c=16). Everything listens on
 127.0.0.1 only and every process started here is stopped on exit, including Ctrl-C.
 
     .venv/bin/python scripts/bench.py [--quick | --seconds S] [--repeat N] [--json out.json]
+                                      [--no-cache] [--no-resilience]
 
 It is a report, not a test: it exits 0 when the run completed, whether or not targets
 were met (pass --strict to exit 1 on a missed target).
@@ -29,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import check, report, ttft, wrk
+from bench import cache, check, report, ttft, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured, start_reference
 from bench.procs import BenchError, Processes
@@ -60,6 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-resilience", action="store_true", help="skip the hedging/concurrency scenarios"
     )
+    parser.add_argument("--no-cache", action="store_true", help="skip the cache-hit scenario")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0
@@ -145,8 +148,11 @@ class Run:
             )
 
 
-def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
-    """Start a gateway (measuring cold starts and idle RSS), load it, stop it."""
+def run_once(
+    procs: Processes, run: Run, setup: GatewaySetup | None, cache_tiers: list[cache.Tier]
+) -> Figures:
+    """Start a gateway (measuring cold starts and idle RSS), load it, stop it; then the
+    cache-hit scenario on gateways of its own."""
     gateway: Gateway | None = None
     if setup is not None:
         gateway, cold = start_measured(procs, setup, run.args.cold_starts)
@@ -160,13 +166,14 @@ def run_once(procs: Processes, run: Run, setup: GatewaySetup | None) -> Figures:
     try:
         run.load(gateway)
         run.time_to_first_token(gateway)
-        run.fig["cpu_steal_pct"] = steal()
-        progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
         if gateway is not None:
             run.fig["rss.after_load_mb"] = gateway.rss_mb()
     finally:
         if gateway is not None:
             procs.stop(gateway.proc)
+    run.fig.update(cache.run_cache(procs, cache_tiers, run.wrk_bin, run.args.seconds, progress))
+    run.fig["cpu_steal_pct"] = steal()
+    progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
     report.add_derived(run.fig)
     return run.fig
 
@@ -220,6 +227,7 @@ def write_json(
             "repeat": args.repeat,
             "ttft_requests": args.ttft_requests,
             "concurrency": list(CONCURRENCY),
+            "cache_scenario": not args.no_cache,
         },
         "runs": runs,
         "median": med,
@@ -261,14 +269,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, nginx_port = start_nginx(procs, tmp / "nginx", nginx)
             setup = None
             reference = None
+            cache_tiers: list[cache.Tier] = []
             if not args.direct_only:
                 setup = GatewaySetup(tmp / "gateway", nginx_port, start_redis(procs, tmp))
                 reference = start_reference(procs, tmp / "reference", nginx_port)
+                if not args.no_cache:
+                    cache_tiers = cache.tiers(tmp / "cache", nginx_port, setup.redis_url)
             if setup is not None:
                 setup.prepare()
+            for tier in cache_tiers:
+                tier.setup.prepare()
             for i in range(args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
-                runs.append(run_once(procs, Run(args, wrk_bin, nginx_port, reference), setup))
+                run = Run(args, wrk_bin, nginx_port, reference)
+                runs.append(run_once(procs, run, setup, cache_tiers))
             if setup is not None and not args.no_resilience:
                 progress("resilience scenarios (hedging, adaptive concurrency)")
                 resilience = run_resilience(

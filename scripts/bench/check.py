@@ -38,12 +38,17 @@ def _stream_content(text: str) -> str:
     return "".join(pieces)
 
 
-def verify(url: str, body: ChatBody) -> str:
-    """Raise RuntimeError unless `url` answers like OpenAI; a one-line description."""
+def verify(url: str, body: ChatBody, cache: str | None = None) -> str:
+    """Raise RuntimeError unless `url` answers like OpenAI; a one-line description.
+
+    With `cache` (hit-l1, hit-l2), the answer must also come from that cache tier.
+    """
     status, headers, text = _post(url, body.numbered(0))
     try:
         if status != 200:
             raise ValueError(f"status {status}")
+        if cache is not None and headers.get("x-flywheel-cache") != cache:
+            raise ValueError(f"x-flywheel-cache {headers.get('x-flywheel-cache')!r}, not {cache}")
         if body.stream:
             content = _stream_content(text)
         else:

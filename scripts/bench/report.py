@@ -18,7 +18,10 @@ CALIBRATED_LATENCIES = (
     "json.c1.added_p99_ms",
     "json.c64.gateway.p99_ms",
     "ttft.added_median_ms",
+    "cache.l1.p50_ms",
+    "cache.l2.p50_ms",
 )
+CACHE_TIERS = (("l1", "L1 hit (in-process)"), ("l2", "L2 hit (Redis; L1 off)"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ def targets() -> list[Target]:
         Target("json: gateway c=64 p99", "json.c64.gateway.p99_ms", "<=", 40, "ms"),
         Target("stream: gateway c=16 errors", "stream.c16.gateway.errors", "<=", 0, ""),
         Target("stream: TTFT added c=1 (median)", "ttft.added_median_ms", "<=", 1.0, "ms"),
+        Target("cache: L1-hit p50 c=16", "cache.l1.p50_ms", "<=", 1.0, "ms"),
+        Target("cache: L2-hit p50 c=16", "cache.l2.p50_ms", "<=", 2.5, "ms"),
         Target("idle RSS", "rss.idle_mb", "<=", 120, "MB"),
         # The speed-bound targets again, this machine's speed factored out (see
         # add_derived): then they compare with the targets on any day.
@@ -63,6 +68,8 @@ def targets() -> list[Target]:
         Target("calibrated: c=16 throughput", "json.c16.gateway.rps_calibrated", ">=", 2500, "/s"),
         Target("calibrated: c=64 p99", "json.c64.gateway.p99_ms_calibrated", "<=", 40, "ms"),
         Target("calibrated: TTFT added c=1", "ttft.added_median_ms_calibrated", "<=", 1.0, "ms"),
+        Target("calibrated: cache L1-hit p50", "cache.l1.p50_ms_calibrated", "<=", 1.0, "ms"),
+        Target("calibrated: cache L2-hit p50", "cache.l2.p50_ms_calibrated", "<=", 2.5, "ms"),
         Target("cold start (median of starts)", "cold_start_s", "<=", 2.0, "s"),
     ]
 
@@ -132,6 +139,26 @@ def load_tables(fig: Figures) -> list[str]:
     return lines
 
 
+def cache_lines(fig: Figures) -> list[str]:
+    if not any(f"cache.{tier}.rps" in fig for tier, _ in CACHE_TIERS):
+        return []
+    head = f"{'req/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'err':>5}"
+    lines = [
+        "",
+        "Cache hits through the gateway: one identical JSON request, c=16 — latency in ms",
+        f"{'tier':<22} | {head} | cpu/req | hits",
+    ]
+    for tier, title in CACHE_TIERS:
+        key = f"cache.{tier}"
+        lines.append(
+            f"{title:<22} | {_cell(fig, key)} | "
+            f"{_num(fig, key + '.cpu_ms_per_req', '{:.3f}'):>7} | "
+            f"{_num(fig, key + '.hit_pct', '{:.1f}')}%"
+        )
+    lines.append("hits: the share of the load's answers counted as hits of that tier.")
+    return lines
+
+
 def reference_lines(fig: Figures) -> list[str]:
     if "machine_speed" not in fig:
         return []
@@ -197,5 +224,11 @@ def summary(fig: Figures, runs: int) -> list[str]:
 
 def render(fig: Figures, runs: int) -> str:
     return "\n".join(
-        [*load_tables(fig), *reference_lines(fig), *other_lines(fig), *summary(fig, runs)]
+        [
+            *load_tables(fig),
+            *cache_lines(fig),
+            *reference_lines(fig),
+            *other_lines(fig),
+            *summary(fig, runs),
+        ]
     )
