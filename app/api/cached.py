@@ -17,6 +17,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.exchange import Exchange
+from app.api.responses import JSONBytes
 from app.api.streaming import DONE, sse
 from app.cache.answer import StreamAssembler, is_cacheable, replay_chunks
 from app.cache.entry import Cached
@@ -37,6 +38,36 @@ class CachePlan:
     write: bool
     ttl_s: float
     store_truncated: bool
+
+
+def early_route(state: AppState, body: dict[str, Any]) -> str | None:
+    """The route, when it is known from the raw body alone (no rules, not an ensemble)
+    and the fields the cache key leaves out are well-typed: then an L1 hit can be
+    served before validation, which is a fifth of a hit's cost. (A cached answer was
+    validated when it was filled, with the same key fields.)"""
+    model = body.get("model")
+    if not isinstance(model, str):
+        return None
+    config = state.router.routes.get(model)
+    if config is None or config.rules or config.ensemble is not None:
+        return None
+    for name, kind in _LOOSE_FIELDS:
+        if name in body and not isinstance(body[name], kind):
+            return None
+    return model
+
+
+_LOOSE_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("stream", bool),
+    ("stream_options", (dict, type(None))),
+    ("user", str),
+    ("metadata", (dict, type(None))),
+)
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def plan(
@@ -94,8 +125,10 @@ class Lookup:
     flight: Flight | None = None
 
 
-async def look_up(cache: ResponseCache, p: CachePlan, deadline: float, wait_s: float) -> Lookup:
-    cached = cache.get_l1(p.key)
+async def look_up(
+    cache: ResponseCache, p: CachePlan, deadline: float, wait_s: float, *, l1_checked: bool
+) -> Lookup:
+    cached = None if l1_checked else cache.get_l1(p.key)
     if cached is not None:
         return Lookup(cached, "hit-l1")
     cached = await cache.get_l2(p.key, p.ttl_s)
@@ -161,9 +194,7 @@ def hit_response(
     )
     headers = exchange.headers()
     if not stream:
-        return Response(
-            cached.json_body(exchange.request_id), media_type="application/json", headers=headers
-        )
+        return JSONBytes(cached.json_body(exchange.request_id), headers)
     chunks = replay_chunks(answer, request_id=exchange.request_id, include_usage=usage)
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"

@@ -20,6 +20,7 @@ from app.api.body import BodyReader, openapi_body, read_json_object, request_bod
 from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
+from app.api.responses import JSONBytes
 from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import first_chunk, sse_body
 from app.cache.service import Flight
@@ -45,6 +46,15 @@ async def handle(
     try:
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
+        early = cached.early_route(state, body)
+        if early is not None:
+            exchange.route = early
+            cache_plan = cached.plan(state, "chat", early, body, headers)
+            if cache_plan is not None and cache_plan.read:
+                hit = state.cache.get_l1(cache_plan.key)
+                if hit is not None:
+                    stream, usage = body.get("stream") is True, cached.wants_usage(body)
+                    return cached.hit_response(hit, "hit-l1", exchange, state, stream, usage)
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
@@ -52,10 +62,13 @@ async def handle(
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
-        cache_plan = cached.plan(state, "chat", route, body, headers)
+        if early is None:
+            cache_plan = cached.plan(state, "chat", route, body, headers)
         if cache_plan is not None and cache_plan.read:
             wait = state.settings.flywheel_cache_lock_wait_s
-            found = await cached.look_up(state.cache, cache_plan, deadline, wait)
+            found = await cached.look_up(
+                state.cache, cache_plan, deadline, wait, l1_checked=early is not None
+            )
             if found.cached is not None and found.tier is not None:
                 usage = chat.wants_usage_in_stream
                 return cached.hit_response(
@@ -109,7 +122,7 @@ async def handle(
         usage=result.get("usage"),
         finish_reason=choices[0].get("finish_reason"),
     )
-    return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
+    return JSONBytes(orjson.dumps(result), exchange.headers())
 
 
 async def _stream(

@@ -47,7 +47,7 @@ async def handle(
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
         if cache_plan is not None and cache_plan.read:
             wait = state.settings.flywheel_cache_lock_wait_s
-            found = await cached.look_up(state.cache, cache_plan, deadline, wait)
+            found = await cached.look_up(state.cache, cache_plan, deadline, wait, l1_checked=False)
             if found.cached is not None and found.tier is not None:
                 return cached.hit_response(found.cached, found.tier, exchange, state, False, False)
             flight = found.flight

@@ -68,7 +68,7 @@ class Gateway(FastAPI):
             watcher.stop()
         if watcher.fired:
             return  # the client left as the answer came: nobody to send it to
-        response.headers["x-request-id"] = rid
+        response.raw_headers.append((b"x-request-id", rid.encode()))
         await response(scope, receive, send)
 
 

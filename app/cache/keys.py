@@ -10,6 +10,7 @@ unknown parameter may change the output, and a miss is cheaper than a wrong answ
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -63,6 +64,7 @@ def route_pattern(prefix: str, route: str | None) -> str:
     return f"{prefix}cache:{VERSION}:{escaped}:*"
 
 
+@functools.lru_cache(maxsize=4096)
 def tenant_of(authorization: str | None) -> str:
     """Who the answer belongs to: the caller's key, hashed (answers never cross tenants).
 

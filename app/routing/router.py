@@ -116,6 +116,10 @@ class Router:
     def names(self) -> list[str]:
         return list(self._routes)
 
+    @property
+    def routes(self) -> Mapping[str, RouteConfig]:
+        return self._routes
+
     def route(self, model: str) -> RouteConfig:
         route = self._routes.get(model)
         if route is None:

@@ -336,3 +336,13 @@ async def test_embeddings_are_cached(cgw: Served, openai_upstream: FakeServer) -
     assert other.headers["x-flywheel-cache"] == "miss"
     assert second.json()["data"] == first.json()["data"]
     assert calls(openai_upstream, m) == 2
+
+
+async def test_a_cached_answer_never_hides_a_bad_field(cgw: Served) -> None:
+    m = uuid.uuid4().hex
+    assert (await post(cgw, body(m))).headers["x-flywheel-cache"] == "miss"
+    for bad in ({"user": 12}, {"stream": 5}, {"stream_options": []}, {"metadata": "x"}):
+        resp = await post(cgw, {**body(m), **bad})
+        assert resp.status_code == 400, bad
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert (await post(cgw, body(m))).headers["x-flywheel-cache"] == "hit-l1"
