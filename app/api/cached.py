@@ -9,6 +9,7 @@ by chunk), whichever kind of request filled it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from app.errors import InvalidRequestError
 from app.state import AppState
 
 TTL_HEADER = "x-flywheel-cache-ttl"
+log = logging.getLogger("flywheel.cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class CachePlan:
     write: bool
     ttl_s: float
     store_truncated: bool
+    choices: int  # how many choices a complete answer has (the request's `n`)
 
 
 def early_route(state: AppState, body: dict[str, Any]) -> str | None:
@@ -78,7 +81,8 @@ def plan(
     config = state.router.route(route).cache
     mode = config.mode if config is not None else settings.flywheel_cache_mode
     read, write = mode in ("on", "read_only"), mode in ("on", "write_only")
-    if not (read or write):
+    if not (read or write) or body.get("logprobs"):
+        # Replayed answers carry no logprobs: a request that wants them is never cached.
         return None
     control = headers.get("cache-control")
     if control:
@@ -99,7 +103,9 @@ def plan(
         tenant=tenant_of(headers.get("authorization")),
     )
     truncated = config.store_truncated if config is not None else False
-    return CachePlan(key, route, kind, read, write, ttl, truncated)
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return CachePlan(key, route, kind, read, write, ttl, truncated, choices)
 
 
 def _ttl(raw: str, maximum: float) -> float:
@@ -137,7 +143,7 @@ async def look_up(
     if not p.write:
         return Lookup()
     left = max(0.0, deadline - time.monotonic())
-    joined = await cache.join(p.key, wait_s=min(wait_s, left), lock_ttl_s=left + 1.0, ttl_s=p.ttl_s)
+    joined = await cache.join(p.key, left_s=left, replica_wait_s=wait_s, ttl_s=p.ttl_s)
     return Lookup(joined.cached, joined.tier, joined.flight)
 
 
@@ -164,13 +170,27 @@ class StreamFill:
         self._cache = cache
         self._plan = p
         self._flight = flight
-        self._assembler = StreamAssembler()
+        self._assembler: StreamAssembler | None = StreamAssembler()
 
     def feed(self, chunk: dict[str, Any]) -> None:
-        self._assembler.feed(chunk)
+        if self._assembler is None:
+            return
+        try:
+            self._assembler.feed(chunk)
+        except Exception:  # the cache must never break a live stream
+            log.exception("stream not cacheable: assembling it failed")
+            self._assembler = None
 
     def close(self, complete: bool) -> None:
-        answer = self._assembler.result() if complete else None
+        answer = None
+        try:
+            if complete and self._assembler is not None:
+                answer = self._assembler.result()
+            if answer is not None and len(answer.get("choices") or ()) != self._plan.choices:
+                answer = None  # a choice never arrived: not the whole answer
+        except Exception:
+            log.exception("stream not cacheable: assembling it failed")
+            answer = None
         if answer is None:
             if self._flight is not None:
                 self._flight.finish(None, 0)

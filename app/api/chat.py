@@ -8,19 +8,20 @@ any server that bypasses the fast path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from app.api import cached
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
-from app.api.responses import JSONBytes
+from app.api.responses import EventStream, JSONBytes
 from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import first_chunk, sse_body
 from app.cache.service import Flight
@@ -163,19 +164,27 @@ async def _stream(
     headers = exchange.headers()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
-    return StreamingResponse(
-        sse_body(
-            first,
-            upstream,
-            request=chat,
-            exchange=exchange,
-            recorder=state.recorder,
-            lease=won.lease,
-            fill=fill,
-        ),
-        media_type="text/event-stream",
-        headers=headers,
+    body = sse_body(
+        first,
+        upstream,
+        request=chat,
+        exchange=exchange,
+        recorder=state.recorder,
+        lease=won.lease,
+        fill=fill,
     )
+
+    async def abandon() -> None:
+        # The client left before the response started: the body will never run, so
+        # what its `finally` would do happens here.
+        if fill is not None:
+            fill.close(complete=False)
+        won.lease.abandoned()
+        exchange.record(state.recorder, status=499, disconnected=True)
+        with contextlib.suppress(Exception):
+            await upstream.aclose()  # type: ignore[attr-defined]
+
+    return EventStream(body, abandon, headers)
 
 
 @router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from app.api import chat, embeddings
 from app.api.body import BodyReader, receive_body
 from app.api.middleware import new_request_id
+from app.api.responses import EventStream
 from app.errors import GatewayError, error_response
 from app.state import AppState
 
@@ -67,7 +68,10 @@ class Gateway(FastAPI):
         finally:
             watcher.stop()
         if watcher.fired:
-            return  # the client left as the answer came: nobody to send it to
+            # The client left as the answer came: nobody to send it to.
+            if isinstance(response, EventStream):
+                await response.abandon()
+            return
         response.raw_headers.append((b"x-request-id", rid.encode()))
         await response(scope, receive, send)
 

@@ -8,6 +8,7 @@ compressed when large.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ import orjson
 _ID_MARK = "flywheel-completion-id-0c5f6e"
 _ID_BYTES = orjson.dumps(_ID_MARK)
 RAW, ZLIB = b"j", b"z"
+# Above this many bytes, (de)compressing and (de)serialising go to a worker thread, so a
+# large answer (a batch of embeddings) never holds the event loop for milliseconds.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 class CorruptEntry(ValueError):
@@ -68,3 +72,15 @@ class Cached:
             return cls.of(str(data["kind"]), str(data["route"]), dict(data["answer"]))
         except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CorruptEntry(str(e)) from e
+
+
+async def encode(cached: Cached, compress_min_bytes: int) -> bytes:
+    if cached.size > 2 * OFF_LOOP_BYTES:
+        return await asyncio.to_thread(cached.encode, compress_min_bytes)
+    return cached.encode(compress_min_bytes)
+
+
+async def decode(value: bytes) -> Cached:
+    if len(value) > OFF_LOOP_BYTES // 8:  # compressed: the answer may be ~8x larger
+        return await asyncio.to_thread(Cached.decode, value)
+    return Cached.decode(value)

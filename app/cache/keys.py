@@ -61,7 +61,8 @@ def route_pattern(prefix: str, route: str | None) -> str:
     if route is None:
         return f"{prefix}cache:{VERSION}:*"
     escaped = "".join("\\" + c if c in "*?[]\\" else c for c in route)
-    return f"{prefix}cache:{VERSION}:{escaped}:*"
+    # Exactly a digest after the route: not route `a:b`'s keys, not the fill locks.
+    return f"{prefix}cache:{VERSION}:{escaped}:" + "?" * 64
 
 
 @functools.lru_cache(maxsize=4096)

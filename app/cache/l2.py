@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -23,6 +24,11 @@ log = logging.getLogger("flywheel.cache")
 T = TypeVar("T")
 HOT_KEEP = 10_000  # the hottest keys remembered for pre-warming
 PURGE_BATCH = 500
+# Release the fill lock only if it is still ours (it may have expired and been retaken).
+_UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 class Down(Exception):
@@ -48,10 +54,12 @@ class L2Cache:
         *,
         prefix: str,
         timeout_s: float,
+        subscriber: Redis | None = None,
         retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
+        self.subscriber = subscriber or redis
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s
@@ -74,6 +82,7 @@ class L2Cache:
         return f"{self.prefix}cache:purge"
 
     async def _run(self, op: Callable[[], Awaitable[T]], timeout_s: float | None = None) -> T:
+        """Run a request-path call under the short timeout; failures mark L2 down."""
         if self._down_since is not None and self._clock() < self._retry_at:
             raise Down
         try:
@@ -106,27 +115,33 @@ class L2Cache:
     async def delete(self, key: str) -> None:
         await self._run(lambda: self.redis.delete(key))
 
-    async def lock(self, key: str, ttl_s: float) -> bool:
-        """Take the cross-replica fill lock for `key`; False when another replica has it."""
-        taken = await self._run(
-            lambda: self.redis.set(key + ":lock", b"1", nx=True, px=max(1, int(ttl_s * 1000)))
-        )
-        return bool(taken)
+    async def lock(self, key: str, ttl_s: float) -> str | None:
+        """Take the cross-replica fill lock for `key`: its token, or None when another
+        replica holds it. The token makes the release delete only our own lock."""
+        token = secrets.token_hex(8)
+        ms = max(1, int(ttl_s * 1000))
+        taken = await self._run(lambda: self.redis.set(key + ":lock", token, nx=True, px=ms))
+        return token if taken else None
 
-    async def unlock(self, key: str) -> None:
-        await self._run(lambda: self.redis.delete(key + ":lock"))
+    async def unlock(self, key: str, token: str) -> None:
+        async def release() -> None:
+            await self.redis.eval(_UNLOCK, 1, key + ":lock", token)  # type: ignore[misc]
+
+        await self._run(release)
 
     async def peek(self, key: str) -> tuple[bytes | None, bool]:
         """The value, and whether a replica still holds the fill lock (one round trip)."""
 
         async def both() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.get(key)
+                # The lock first: a value written just after reads as "still locked"
+                # (poll again), never as "gave up".
                 pipe.exists(key + ":lock")
+                pipe.get(key)
                 result: list[Any] = await pipe.execute()
                 return result
 
-        value, locked = await self._run(both)
+        locked, value = await self._run(both)
         return value, bool(locked)
 
     async def count_hits(self, counts: Mapping[str, int]) -> None:
@@ -137,7 +152,7 @@ class L2Cache:
                 pipe.zremrangebyrank(self.hot_key, 0, -HOT_KEEP - 1)
                 await pipe.execute()
 
-        await self._run(bump, timeout_s=max(self.timeout_s, 1.0))
+        await self._admin(bump, 1.0)
 
     async def hottest(self, n: int) -> list[tuple[str, bytes, int]]:
         """Up to n of the most-hit keys still stored: (key, value, milliseconds left)."""
@@ -162,7 +177,7 @@ class L2Cache:
                 await self.redis.zrem(self.hot_key, *gone)
             return out
 
-        return await self._run(read, timeout_s=max(self.timeout_s, 5.0))
+        return await self._admin(read, 5.0)
 
     async def purge(self, pattern: str) -> int:
         """UNLINK every key matching `pattern` (SCAN in batches); how many went."""
@@ -179,7 +194,17 @@ class L2Cache:
                 removed += await self.redis.unlink(*batch)
             return removed
 
-        return await self._run(scan_and_unlink, timeout_s=max(self.timeout_s, 30.0))
+        return await self._admin(scan_and_unlink, 30.0)
 
     async def publish_purge(self, route: str | None) -> None:
-        await self._run(lambda: self.redis.publish(self.purge_channel, route or "*"))
+        await self._admin(lambda: self.redis.publish(self.purge_channel, route or "*"), 1.0)
+
+    async def _admin(self, op: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """Background and admin calls: a longer bound, and a failure here says nothing
+        about the request path's Redis calls, so it does not mark L2 down."""
+        try:
+            async with asyncio.timeout(max(timeout_s, self.timeout_s)):
+                return await op()
+        except (RedisError, OSError, TimeoutError) as e:
+            self.failures += 1
+            raise Down from e

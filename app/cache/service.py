@@ -17,7 +17,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from app.cache.entry import Cached, CorruptEntry
+from redis.asyncio import Redis
+
+from app.cache.entry import Cached, CorruptEntry, decode, encode
 from app.cache.keys import route_pattern
 from app.cache.l1 import L1Cache
 from app.cache.l2 import Down, L2Cache, make_l2_client
@@ -43,7 +45,7 @@ class Joined:
 class Flight:
     """The leader's hold on a key; `finish` exactly once, with the answer or None."""
 
-    __slots__ = ("_cache", "_future", "_timer", "key", "locked")
+    __slots__ = ("_cache", "_future", "_timer", "key", "token")
 
     def __init__(
         self,
@@ -55,22 +57,28 @@ class Flight:
         self._cache = cache
         self._future = future
         self.key = key
-        self.locked = False
+        self.token: str | None = None  # the Redis fill lock's token, while held
         # A leader whose response was never even started (the client left first) must
         # not hold its waiters, or the key, beyond the request's own deadline.
         self._timer = asyncio.get_running_loop().call_later(expires_s, self.finish, None, 0)
 
     def finish(self, cached: Cached | None, ttl_s: float) -> None:
+        """Release the waiters with the answer (stored) or None (they go on their own)."""
+        self.share(cached)
+        token, self.token = self.token, None
+        if cached is not None:
+            self._cache.put(self.key, cached, ttl_s, unlock=token)
+        elif token is not None:
+            self._cache._background(self._cache._unlock(self.key, token))
+
+    def share(self, cached: Cached | None) -> None:
+        """Release the waiters with `cached` without storing it (it came from L2)."""
         self._timer.cancel()
-        cache = self._cache
-        if cache._flights.get(self.key) is self._future:
-            del cache._flights[self.key]
+        flights = self._cache._flights
+        if flights.get(self.key) is self._future:
+            del flights[self.key]
         if not self._future.done():
             self._future.set_result(cached)
-        if cached is not None:
-            cache.put(self.key, cached, ttl_s, unlock=self.locked)
-        elif self.locked:
-            cache._background(cache._unlock(self.key))
 
 
 class ResponseCache:
@@ -98,7 +106,8 @@ class ResponseCache:
             self.stats.l1.misses += 1
             return None
         self.stats.l1.hit(time.perf_counter() - started)
-        self._hot[key] += 1
+        if self.l2 is not None:  # hit counts only matter for pre-warming from L2
+            self._hot[key] += 1
         return cached
 
     async def get_l2(self, key: str, ttl_s: float) -> Cached | None:
@@ -110,7 +119,7 @@ class ResponseCache:
             value = await self.l2.get(key)
         except Down:
             return None
-        cached = self._decode(key, value)
+        cached = await self._decode(key, value)
         if cached is None:
             self.stats.l2.misses += 1
             return None
@@ -125,11 +134,11 @@ class ResponseCache:
         cached = await self.get_l2(key, ttl_s)
         return None if cached is None else (cached, "hit-l2")
 
-    def _decode(self, key: str, value: bytes | None) -> Cached | None:
+    async def _decode(self, key: str, value: bytes | None) -> Cached | None:
         if value is None:
             return None
         try:
-            return Cached.decode(value)
+            return await decode(value)
         except CorruptEntry as e:
             self.stats.corrupt += 1
             log.warning("unreadable cache entry %s dropped: %s", key, e)
@@ -141,33 +150,34 @@ class ResponseCache:
         # The copy may outlive the L2 value by up to a TTL: a purge reaches every
         # replica's L1 by pub/sub, and an expiry is a freshness bound, not a contract.
         self.l1.put(key, cached, size=cached.size, ttl_s=ttl_s, route=cached.route)
-        self._hot[key] += 1
+        if self.l2 is not None:
+            self._hot[key] += 1
 
     # -- writes --------------------------------------------------------------------
 
-    def put(self, key: str, cached: Cached, ttl_s: float, *, unlock: bool = False) -> None:
+    def put(self, key: str, cached: Cached, ttl_s: float, *, unlock: str | None = None) -> None:
         """Store in L1 now and in L2 in the background (never on the response's path)."""
         self.stats.stores += 1
         if not self.l1.put(key, cached, size=cached.size, ttl_s=ttl_s, route=cached.route):
             self.stats.not_stored += 1
-        self._hot[key] += 1
         if self.l2 is not None:
+            self._hot[key] += 1
             self._background(self._write(key, cached, ttl_s, unlock))
 
-    async def _write(self, key: str, cached: Cached, ttl_s: float, unlock: bool) -> None:
+    async def _write(self, key: str, cached: Cached, ttl_s: float, unlock: str | None) -> None:
         assert self.l2 is not None
         try:
-            await self.l2.set(key, cached.encode(self.compress_min_bytes), ttl_s)
+            await self.l2.set(key, await encode(cached, self.compress_min_bytes), ttl_s)
             self.stats.l2_writes += 1
         except Down:
             self.stats.l2_write_failures += 1
-        if unlock:
-            await self._unlock(key)
+        if unlock is not None:
+            await self._unlock(key, unlock)
 
-    async def _unlock(self, key: str) -> None:
+    async def _unlock(self, key: str, token: str) -> None:
         if self.l2 is not None:
             with contextlib.suppress(Down):
-                await self.l2.unlock(key)
+                await self.l2.unlock(key, token)
 
     async def _forget(self, key: str) -> None:
         assert self.l2 is not None
@@ -181,32 +191,45 @@ class ResponseCache:
 
     # -- single-flight -------------------------------------------------------------
 
-    async def join(self, key: str, *, wait_s: float, lock_ttl_s: float, ttl_s: float) -> Joined:
+    async def join(self, key: str, *, left_s: float, replica_wait_s: float, ttl_s: float) -> Joined:
+        """Wait for an identical request already running here (up to `left_s`, the
+        request's own time), or lead; a leader whose fill lock another replica holds
+        first waits up to `replica_wait_s` for that replica's answer."""
         waiting = self._flights.get(key)
         if waiting is not None:
             self.stats.coalesced += 1
             try:
-                async with asyncio.timeout(wait_s):
+                async with asyncio.timeout(left_s):
                     cached = await asyncio.shield(waiting)
             except TimeoutError:
                 cached = None
             return Joined(cached, "hit-l1" if cached is not None else None)
         future: asyncio.Future[Cached | None] = asyncio.get_running_loop().create_future()
         self._flights[key] = future
-        flight = Flight(self, key, future, lock_ttl_s)
+        flight = Flight(self, key, future, left_s + 1.0)
         if self.l2 is None:
             return Joined(flight=flight)
         try:
-            flight.locked = await self.l2.lock(key, lock_ttl_s)
+            return await self._lead(flight, left_s, replica_wait_s, ttl_s)
+        except BaseException:
+            flight.finish(None, 0)  # cancelled while taking the lock or polling
+            raise
+
+    async def _lead(
+        self, flight: Flight, left_s: float, replica_wait_s: float, ttl_s: float
+    ) -> Joined:
+        assert self.l2 is not None
+        try:
+            flight.token = await self.l2.lock(flight.key, left_s + 1.0)
         except Down:
             return Joined(flight=flight)
-        if flight.locked:
+        if flight.token is not None:
             return Joined(flight=flight)
         self.stats.waited_for_replica += 1
-        cached = await self._await_replica(key, wait_s, ttl_s)
+        cached = await self._await_replica(flight.key, min(replica_wait_s, left_s), ttl_s)
         if cached is None:
             return Joined(flight=flight)  # lead here after all, without the lock
-        flight.finish(None, 0)  # local waiters retry and find it in L1
+        flight.share(cached)  # and the local waiters get the other replica's answer
         return Joined(cached, "hit-l2")
 
     async def _await_replica(self, key: str, wait_s: float, ttl_s: float) -> Cached | None:
@@ -220,7 +243,7 @@ class ResponseCache:
                 value, locked = await self.l2.peek(key)
             except Down:
                 return None
-            cached = self._decode(key, value)
+            cached = await self._decode(key, value)
             if cached is not None:
                 self.stats.l2.hit(0.0)
                 self._promote(key, cached, ttl_s)
@@ -253,7 +276,7 @@ class ResponseCache:
             return {"loaded": 0, "l2_reachable": False}
         loaded = 0
         for key, value, left_ms in hottest:
-            cached = self._decode(key, value)
+            cached = await self._decode(key, value)
             if cached is not None and self.l1.put(
                 key, cached, size=cached.size, ttl_s=left_ms / 1000, route=cached.route
             ):
@@ -283,7 +306,7 @@ class ResponseCache:
         assert self.l2 is not None
         while True:
             try:
-                async with self.l2.redis.pubsub() as pubsub:
+                async with self.l2.subscriber.pubsub() as pubsub:
                     await pubsub.subscribe(self.l2.purge_channel)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
@@ -301,6 +324,7 @@ class ResponseCache:
             await asyncio.wait(set(self._tasks), timeout=2.0)
         if self.l2 is not None:
             await self.l2.redis.aclose()
+            await self.l2.subscriber.aclose()
 
     def snapshot(self) -> dict[str, Any]:
         s = self.stats
@@ -345,5 +369,9 @@ def make_cache(settings: Settings) -> ResponseCache:
             timeout_s=timeout,
             max_connections=settings.flywheel_cache_redis_max_connections,
         )
-        l2 = L2Cache(client, prefix=settings.flywheel_redis_prefix, timeout_s=timeout)
+        # Pub/sub waits for messages indefinitely: its connection must not time out reads.
+        subscriber = Redis.from_url(settings.redis_dsn, socket_connect_timeout=timeout)
+        l2 = L2Cache(
+            client, prefix=settings.flywheel_redis_prefix, timeout_s=timeout, subscriber=subscriber
+        )
     return ResponseCache(l1, l2, compress_min_bytes=settings.flywheel_cache_compress_min_bytes)

@@ -45,6 +45,7 @@ def cache_routes(base: str) -> Any:
         write_only=openai_route(base) | {"cache": {"mode": "write_only"}},
         plain=openai_route(base),
         embed=openai_route(base, "text-embedding-3-small") | on,
+        drip=openai_route(base, "drip-20") | on,
     )
 
 
@@ -282,10 +283,61 @@ async def test_replicas_share_one_fill(
     ):
         first = asyncio.create_task(post(one, body(m, model="slow")))
         await asyncio.sleep(0.1)  # `one` holds the fill lock and is waiting on the upstream
-        second = await post(two, body(m, model="slow"))
+        # On `two`, one request waits for `one`'s answer and the rest wait for it.
+        others = await asyncio.gather(*(post(two, body(m, model="slow")) for _ in range(5)))
         assert (await first).headers["x-flywheel-cache"] == "miss"
-        assert second.headers["x-flywheel-cache"] == "hit-l2"
+        tiers = sorted(r.headers["x-flywheel-cache"] for r in others)
+        assert tiers == ["hit-l1"] * 4 + ["hit-l2"]
     assert calls(openai_upstream, m) == 1
+
+
+async def test_a_purge_reaches_every_replica(
+    cache_settings: Callable[..., Settings], openai_upstream: FakeServer
+) -> None:
+    master = "sk-master-test-key-0123456789"
+    settings = cache_settings(flywheel_master_key=master)
+    routes = cache_routes(openai_upstream.url)
+    m = uuid.uuid4().hex
+    async with (
+        Served(create_app(settings, routes)) as one,
+        Served(create_app(settings, routes)) as two,
+    ):
+        await asyncio.sleep(0.3)  # both subscribed to purges
+        assert (await post(one, body(m))).headers["x-flywheel-cache"] == "miss"
+        await asyncio.sleep(0.2)
+        assert (await post(two, body(m))).headers["x-flywheel-cache"] == "hit-l2"
+        assert len(two.state.cache.l1) >= 1
+        async with httpx.AsyncClient(base_url=one.url, timeout=10) as client:
+            purged = await client.delete(
+                "/admin/cache", headers={"authorization": f"Bearer {master}"}
+            )
+        assert purged.status_code == 200
+        for _ in range(40):
+            if len(two.state.cache.l1) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await post(two, body(m))).headers["x-flywheel-cache"] == "miss"
+    assert calls(openai_upstream, m) == 2
+
+
+async def test_a_stream_the_client_left_is_not_stored(
+    cgw: Served, openai_upstream: FakeServer
+) -> None:
+    m = uuid.uuid4().hex
+    payload = body(m, model="drip", stream=True)
+    async with (
+        httpx.AsyncClient(base_url=cgw.url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=payload) as resp,
+    ):
+        seen = 0
+        async for line in resp.aiter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+    await asyncio.sleep(0.3)
+    again = await post(cgw, {k: v for k, v in payload.items() if k != "stream"})
+    assert again.headers["x-flywheel-cache"] == "miss"
+    assert not cgw.state.cache._flights  # the abandoned leader released its flight
 
 
 async def test_metrics_purge_and_prewarm(

@@ -64,7 +64,18 @@ def test_key_splits_on_tenant_variant_route_and_endpoint() -> None:
 
 def test_route_pattern_escapes_glob_characters() -> None:
     assert route_pattern("p:", None) == "p:cache:v1:*"
-    assert route_pattern("p:", "a*b[1]") == "p:cache:v1:a\\*b\\[1\\]:*"
+    assert route_pattern("p:", "a*b[1]") == "p:cache:v1:a\\*b\\[1\\]:" + "?" * 64
+    # Exactly the route's answers: not route "a:b", not the fill locks.
+    own = key(BODY)
+    route = own.split(":")[-2]
+    import fnmatch
+
+    pattern = route_pattern("p:", route)
+    assert fnmatch.fnmatchcase(own, pattern)
+    assert not fnmatch.fnmatchcase(own + ":lock", pattern)
+    assert not fnmatch.fnmatchcase(
+        cache_key("p:", "chat", route + ":b", BODY, tenant="t1"), pattern
+    )
 
 
 class Clock:
