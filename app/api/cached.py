@@ -19,12 +19,12 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.api.exchange import Exchange
 from app.api.responses import JSONBytes
+from app.api.routing import seconds_header
 from app.api.streaming import DONE, sse
 from app.cache.answer import StreamAssembler, is_cacheable, replay_chunks
 from app.cache.entry import Cached
 from app.cache.keys import cache_key, tenant_of
 from app.cache.service import Flight, ResponseCache
-from app.errors import InvalidRequestError
 from app.state import AppState
 
 TTL_HEADER = "x-flywheel-cache-ttl"
@@ -92,7 +92,7 @@ def plan(
     ttl = (config.ttl_s if config is not None else None) or settings.flywheel_cache_ttl_s
     raw_ttl = headers.get(TTL_HEADER)
     if raw_ttl is not None:
-        ttl = _ttl(raw_ttl, settings.flywheel_cache_max_ttl_s)
+        ttl = seconds_header(raw_ttl, TTL_HEADER, settings.flywheel_cache_max_ttl_s)
     if not (read or write):
         return None
     key = cache_key(
@@ -106,20 +106,6 @@ def plan(
     n = body.get("n")
     choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     return CachePlan(key, route, kind, read, write, ttl, truncated, choices)
-
-
-def _ttl(raw: str, maximum: float) -> float:
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= maximum:
-        raise InvalidRequestError(
-            f"{TTL_HEADER} must be a number of seconds in (0, {maximum:g}]",
-            param=TTL_HEADER,
-            code="invalid_value",
-        )
-    return seconds
 
 
 @dataclass(slots=True)

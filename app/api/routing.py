@@ -31,14 +31,19 @@ def request_deadline(state: AppState, route: str, headers: Mapping[str, str]) ->
     if raw is None:
         budget = state.router.route(route).timeout_s or state.settings.flywheel_upstream_timeout_s
         return time.monotonic() + budget, False
+    return time.monotonic() + seconds_header(raw, DEADLINE_HEADER, MAX_DEADLINE_S), True
+
+
+def seconds_header(raw: str, header: str, maximum: float) -> float:
+    """A header's number of seconds in (0, maximum], or an OpenAI-shaped 400 naming it."""
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= MAX_DEADLINE_S:
+    if not 0 < seconds <= maximum:
         raise InvalidRequestError(
-            f"{DEADLINE_HEADER} must be a number of seconds in (0, {MAX_DEADLINE_S:g}]",
-            param=DEADLINE_HEADER,
+            f"{header} must be a number of seconds in (0, {maximum:g}]",
+            param=header,
             code="invalid_value",
         )
-    return time.monotonic() + seconds, True
+    return seconds
