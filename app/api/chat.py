@@ -66,9 +66,8 @@ async def handle(
         if early is None:
             cache_plan = cached.plan(state, "chat", route, body, headers)
         if cache_plan is not None and cache_plan.read:
-            wait = state.settings.flywheel_cache_lock_wait_s
             found = await cached.look_up(
-                state.cache, cache_plan, deadline, wait, l1_checked=early is not None
+                state, cache_plan, exchange, deadline, l1_checked=early is not None
             )
             if found.cached is not None and found.tier is not None:
                 usage = chat.wants_usage_in_stream
@@ -76,7 +75,6 @@ async def handle(
                     found.cached, found.tier, exchange, state, bool(chat.stream), usage
                 )
             flight = found.flight
-            exchange.cache = "miss"
         provider_of = state.providers.get
 
         def call(target: Target) -> ChatCall:
@@ -112,7 +110,7 @@ async def handle(
         raise
     finally:
         if flight is not None and result is None:
-            flight.finish(None, 0)  # failed or cancelled: its waiters proceed on their own
+            flight.finish()  # failed or cancelled: its waiters proceed on their own
     result["id"] = rid
     if cache_plan is not None:
         cached.fill(state.cache, cache_plan, flight, result)
@@ -161,9 +159,6 @@ async def _stream(
     exchange.upstream_s = time.perf_counter() - sent
     exchange.ttft_s = time.perf_counter() - exchange.started
     first, upstream = won.value
-    headers = exchange.headers()
-    headers["cache-control"] = "no-cache"
-    headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
     body = sse_body(
         first,
         upstream,
@@ -184,7 +179,7 @@ async def _stream(
         with contextlib.suppress(Exception):
             await upstream.aclose()  # type: ignore[attr-defined]
 
-    return EventStream(body, abandon, headers)
+    return EventStream(body, exchange.headers(), abandon)
 
 
 @router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])

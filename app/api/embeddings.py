@@ -46,12 +46,10 @@ async def handle(
         exchange.route = req.model
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
         if cache_plan is not None and cache_plan.read:
-            wait = state.settings.flywheel_cache_lock_wait_s
-            found = await cached.look_up(state.cache, cache_plan, deadline, wait, l1_checked=False)
+            found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)
             if found.cached is not None and found.tier is not None:
                 return cached.hit_response(found.cached, found.tier, exchange, state, False, False)
             flight = found.flight
-            exchange.cache = "miss"
 
         def attempt(target: Target) -> Awaitable[JSON]:
             exchange.target = target
@@ -76,7 +74,7 @@ async def handle(
         raise
     finally:
         if flight is not None and result is None:
-            flight.finish(None, 0)  # failed or cancelled: its waiters proceed on their own
+            flight.finish()  # failed or cancelled: its waiters proceed on their own
     if cache_plan is not None:
         cached.fill(state.cache, cache_plan, flight, result)
     exchange.record(state.recorder, status=200, usage=result.get("usage"))

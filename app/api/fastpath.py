@@ -69,7 +69,7 @@ class Gateway(FastAPI):
             watcher.stop()
         if watcher.fired:
             # The client left as the answer came: nobody to send it to.
-            if isinstance(response, EventStream):
+            if isinstance(response, EventStream) and response.abandon is not None:
                 await response.abandon()
             return
         response.raw_headers.append((b"x-request-id", rid.encode()))

@@ -27,7 +27,8 @@ class JSONBytes(Response):
 
 
 class EventStream(StreamingResponse):
-    """An SSE response whose body's clean-up can run even if it never starts.
+    """An SSE response (never cached or buffered by proxies in front) whose body's
+    clean-up can run even if it never starts.
 
     A stream's body settles its accounts (lease, record, cache fill, upstream connection)
     in a `finally`, which never runs for a body that never started: when the client
@@ -38,8 +39,9 @@ class EventStream(StreamingResponse):
     def __init__(
         self,
         body: AsyncIterator[bytes],
-        abandon: Callable[[], Awaitable[None]],
         headers: Mapping[str, str],
+        abandon: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=headers)
+        sse_headers = {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        super().__init__(body, media_type="text/event-stream", headers=sse_headers)
         self.abandon = abandon

@@ -60,10 +60,11 @@ class Flight:
         self.token: str | None = None  # the Redis fill lock's token, while held
         # A leader whose response was never even started (the client left first) must
         # not hold its waiters, or the key, beyond the request's own deadline.
-        self._timer = asyncio.get_running_loop().call_later(expires_s, self.finish, None, 0)
+        self._timer = asyncio.get_running_loop().call_later(expires_s, self.finish)
 
-    def finish(self, cached: Cached | None, ttl_s: float) -> None:
-        """Release the waiters with the answer (stored) or None (they go on their own)."""
+    def finish(self, cached: Cached | None = None, ttl_s: float = 0.0) -> None:
+        """Release the waiters with the answer (stored for `ttl_s`), or with nothing: a
+        failed or cancelled leader, whose waiters then go on their own."""
         self.share(cached)
         token, self.token = self.token, None
         if cached is not None:
@@ -88,10 +89,12 @@ class ResponseCache:
         l2: L2Cache | None,
         *,
         compress_min_bytes: int = 1024,
+        replica_wait_s: float = 10.0,
     ) -> None:
         self.l1 = l1
         self.l2 = l2
         self.compress_min_bytes = compress_min_bytes
+        self.replica_wait_s = replica_wait_s
         self.stats = CacheStats()
         self._flights: dict[str, asyncio.Future[Cached | None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -127,12 +130,20 @@ class ResponseCache:
         self._promote(key, cached, ttl_s)
         return cached
 
-    async def lookup(self, key: str, ttl_s: float) -> tuple[Cached, str] | None:
-        cached = self.get_l1(key)
+    async def lookup(
+        self, key: str, *, ttl_s: float, left_s: float, lead: bool, l1_checked: bool = False
+    ) -> Joined:
+        """L1, then L2, then (when `lead`, i.e. the answer will be stored) single-flight:
+        a hit, or the flight this request leads (none when it proceeds on its own)."""
+        cached = None if l1_checked else self.get_l1(key)
         if cached is not None:
-            return cached, "hit-l1"
+            return Joined(cached, "hit-l1")
         cached = await self.get_l2(key, ttl_s)
-        return None if cached is None else (cached, "hit-l2")
+        if cached is not None:
+            return Joined(cached, "hit-l2")
+        if not lead:
+            return Joined()
+        return await self.join(key, left_s=max(0.0, left_s), ttl_s=ttl_s)
 
     async def _decode(self, key: str, value: bytes | None) -> Cached | None:
         if value is None:
@@ -191,7 +202,7 @@ class ResponseCache:
 
     # -- single-flight -------------------------------------------------------------
 
-    async def join(self, key: str, *, left_s: float, replica_wait_s: float, ttl_s: float) -> Joined:
+    async def join(self, key: str, *, left_s: float, ttl_s: float) -> Joined:
         """Wait for an identical request already running here (up to `left_s`, the
         request's own time), or lead; a leader whose fill lock another replica holds
         first waits up to `replica_wait_s` for that replica's answer."""
@@ -210,14 +221,12 @@ class ResponseCache:
         if self.l2 is None:
             return Joined(flight=flight)
         try:
-            return await self._lead(flight, left_s, replica_wait_s, ttl_s)
+            return await self._lead(flight, left_s, ttl_s)
         except BaseException:
-            flight.finish(None, 0)  # cancelled while taking the lock or polling
+            flight.finish()  # cancelled while taking the lock or polling
             raise
 
-    async def _lead(
-        self, flight: Flight, left_s: float, replica_wait_s: float, ttl_s: float
-    ) -> Joined:
+    async def _lead(self, flight: Flight, left_s: float, ttl_s: float) -> Joined:
         assert self.l2 is not None
         try:
             flight.token = await self.l2.lock(flight.key, left_s + 1.0)
@@ -226,7 +235,7 @@ class ResponseCache:
         if flight.token is not None:
             return Joined(flight=flight)
         self.stats.waited_for_replica += 1
-        cached = await self._await_replica(flight.key, min(replica_wait_s, left_s), ttl_s)
+        cached = await self._await_replica(flight.key, min(self.replica_wait_s, left_s), ttl_s)
         if cached is None:
             return Joined(flight=flight)  # lead here after all, without the lock
         flight.share(cached)  # and the local waiters get the other replica's answer
@@ -374,4 +383,9 @@ def make_cache(settings: Settings) -> ResponseCache:
         l2 = L2Cache(
             client, prefix=settings.flywheel_redis_prefix, timeout_s=timeout, subscriber=subscriber
         )
-    return ResponseCache(l1, l2, compress_min_bytes=settings.flywheel_cache_compress_min_bytes)
+    return ResponseCache(
+        l1,
+        l2,
+        compress_min_bytes=settings.flywheel_cache_compress_min_bytes,
+        replica_wait_s=settings.flywheel_cache_lock_wait_s,
+    )
