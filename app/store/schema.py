@@ -1,15 +1,35 @@
-"""Tables, and the schema revision this code expects to find."""
+"""Tables, and the schema revision this code expects to find.
+
+Later capabilities (keys, alerts, the cycle's runs and experiments, batch files) add
+their own tables in their own migrations; the request row already carries the columns
+they report on (tenant, variant, quality and its source).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import DateTime, Integer, MetaData, String
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The Alembic head this code was written for; the app refuses to start on another.
 # A test keeps it equal to the head of migrations/versions.
-SCHEMA_REVISION = "0001_initial"
+SCHEMA_REVISION = "0002_requests_metrics"
+
+ID = String(64)  # request/completion ids: "chatcmpl-" + 24 hex, with room
+NAME = String(128)  # route, deployment, provider, model and variant names
 
 
 class Base(DeclarativeBase):
@@ -33,3 +53,121 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     beats: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RequestRow(Base):
+    """One row per request, consolidated from the Redis request stream by the workers.
+
+    The id is the request (= chat completion) id, so a replayed batch inserts nothing new.
+    """
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        Index("ix_requests_created_at", "created_at"),
+        Index("ix_requests_route_created_at", "route", "created_at"),
+        Index("ix_requests_tenant_created_at", "tenant", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    endpoint: Mapped[str] = mapped_column(String(32))
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(NAME)
+    deployment: Mapped[str | None] = mapped_column(NAME)
+    provider: Mapped[str | None] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(NAME)
+    variant: Mapped[str | None] = mapped_column(NAME)
+    status: Mapped[int] = mapped_column(Integer)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    cache_tier: Mapped[str] = mapped_column(String(16), default="bypass")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    client_disconnected: Mapped[bool] = mapped_column(Boolean, default=False)
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    quality_score: Mapped[float | None] = mapped_column(Float)
+    quality_source: Mapped[str | None] = mapped_column(String(16))  # rules, judge, feedback
+    quality_reasons: Mapped[list[str] | None] = mapped_column(JSON)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class RequestBody(Base):
+    """Redacted request/response bodies, only for routes that opt in; own retention."""
+
+    __tablename__ = "request_bodies"
+
+    request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    route: Mapped[str | None] = mapped_column(NAME)
+    request: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[str | None] = mapped_column(Text)
+
+
+class Feedback(Base):
+    """A score given to a past answer; one row per request (repeated feedback updates)."""
+
+    __tablename__ = "feedback"
+
+    request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    score: Mapped[float] = mapped_column(Float)
+    comment: Mapped[str | None] = mapped_column(Text)
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MetricsPoint(Base):
+    """One aggregation period of one route and deployment (route "*" sums them all).
+
+    Unique per (bucket, route, deployment): a re-run of the job overwrites its point.
+    """
+
+    __tablename__ = "metrics_points"
+    __table_args__ = (
+        UniqueConstraint("bucket_start", "route", "deployment", name="uq_metrics_points_bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bucket_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    bucket_s: Mapped[int] = mapped_column(Integer)
+    route: Mapped[str] = mapped_column(NAME)
+    deployment: Mapped[str] = mapped_column(NAME)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    errors_by_class: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_p50_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_p95_ms: Mapped[float | None] = mapped_column(Float)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    cache_hits_l1: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hits_l2: Mapped[int] = mapped_column(Integer, default=0)
+    cache_misses: Mapped[int] = mapped_column(Integer, default=0)
+    quality_mean: Mapped[float | None] = mapped_column(Float)
+    quality_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Snapshot(Base):
+    """A snapshot file of the learned state; the file itself lives in the snapshot dir."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the file's stem
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    checksum: Mapped[str] = mapped_column(String(80))  # "sha256:" + hex
+    version: Mapped[int] = mapped_column(Integer)
+    counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
