@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     flywheel_cache_redis_max_connections: int = Field(default=64, gt=0)
     flywheel_cache_compress_min_bytes: int = Field(default=1024, ge=0)
     flywheel_cache_lock_wait_s: float = Field(default=10.0, ge=0)
+    # Persistence (workers): the request stream, consolidation, retention.
+    flywheel_records_stream_maxlen: int = Field(default=50_000, gt=0)
+    flywheel_records_buffer: int = Field(default=50_000, gt=0)
+    flywheel_consolidate_batch_size: int = Field(default=10, gt=0)
+    flywheel_consolidate_delay_s: float = Field(default=0.05, ge=0)
+    flywheel_consolidate_claim_idle_s: float = Field(default=30.0, gt=0)
+    flywheel_request_retention_days: float = Field(default=30.0, gt=0)
+    flywheel_body_retention_days: float = Field(default=7.0, gt=0)
+    flywheel_metrics_interval_s: int = Field(default=300, ge=10, le=3600)
+    flywheel_metrics_history_points: int = Field(default=288, gt=0)
+    flywheel_snapshot_dir: Path | None = None
+    flywheel_snapshot_interval_h: float = Field(default=6.0, gt=0)
+    flywheel_snapshot_keep: int = Field(default=10, gt=0)
+    flywheel_snapshot_cache_entries: int = Field(default=1000, ge=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -112,6 +126,10 @@ class Settings(BaseSettings):
         if self.database_url is None:
             return f"sqlite+aiosqlite:///{(self.flywheel_var_dir / 'flywheel.db').as_posix()}"
         return normalise_database_url(self.database_url.get_secret_value())
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.flywheel_snapshot_dir or self.flywheel_var_dir / "snapshots"
 
     @property
     def redis_dsn(self) -> str | None:

@@ -1,18 +1,21 @@
-"""arq worker settings: `arq workers.main.WorkerSettings` (or `flywheel worker`)."""
+"""arq worker settings: `arq workers.main.WorkerSettings` (or `flywheel worker`).
+
+Each task module exports FUNCTIONS (jobs that can be enqueued by name) and CRONS
+(its schedule); this module only gathers them.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from arq import cron
 from arq.connections import RedisSettings
 
 from app.config import Settings
-from app.store.heartbeat import HEARTBEAT_INTERVAL_S
 from workers.context import shutdown, startup
-from workers.tasks.heartbeat import heartbeat
+from workers.tasks import heartbeat
 
 _settings = Settings()
+TASK_MODULES = (heartbeat,)
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -23,12 +26,8 @@ def redis_settings(settings: Settings) -> RedisSettings:
 class WorkerSettings:
     redis_settings = redis_settings(_settings)
     queue_name = _settings.flywheel_redis_prefix + "queue"
-    functions: ClassVar[list[Any]] = [heartbeat]
-    cron_jobs: ClassVar[list[Any]] = [
-        # One beat per interval across the fleet: it proves the queue is being worked,
-        # and names the worker that ran it.
-        cron(heartbeat, second=set(range(0, 60, HEARTBEAT_INTERVAL_S)), run_at_startup=True),
-    ]
+    functions: ClassVar[list[Any]] = [f for m in TASK_MODULES for f in m.FUNCTIONS]
+    cron_jobs: ClassVar[list[Any]] = [c for m in TASK_MODULES for c in m.CRONS]
     on_startup = startup
     on_shutdown = shutdown
     health_check_key = _settings.flywheel_redis_prefix + "worker:health"

@@ -15,6 +15,7 @@ from app.deps import StateDep
 from app.state import AppState
 from app.store.db import current_revision
 from app.store.heartbeat import read_beats
+from app.store.jobs import read_jobs
 from app.store.schema import SCHEMA_REVISION
 
 router = APIRouter(tags=["health"])
@@ -27,19 +28,23 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _redis(state: AppState) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def _redis(
+    state: AppState,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Redis's health, the workers' heartbeats and the background jobs' outcomes."""
     if state.redis is None:
-        return {"status": "not_configured"}, []
+        return {"status": "not_configured"}, [], {}
     started = time.perf_counter()
     try:
         await asyncio.wait_for(state.redis.ping(), CHECK_TIMEOUT_S)
         latency = (time.perf_counter() - started) * 1000
-        beats = await asyncio.wait_for(
-            read_beats(state.redis, state.settings.flywheel_redis_prefix), CHECK_TIMEOUT_S
-        )
+        prefix = state.settings.flywheel_redis_prefix
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            beats = await read_beats(state.redis, prefix)
+            jobs = await read_jobs(state.redis, prefix)
     except (RedisError, OSError, TimeoutError) as e:
-        return {"status": "down", "error": type(e).__name__}, []
-    return {"status": "ok", "latency_ms": round(latency, 2)}, beats
+        return {"status": "down", "error": type(e).__name__}, [], {}
+    return {"status": "ok", "latency_ms": round(latency, 2)}, beats, jobs
 
 
 async def _database(state: AppState) -> dict[str, Any]:
@@ -85,7 +90,7 @@ def _deployments(state: AppState) -> list[dict[str, Any]]:
 
 @router.get("/health/detailed")
 async def health_detailed(state: StateDep) -> dict[str, Any]:
-    (redis, beats), database = await asyncio.gather(_redis(state), _database(state))
+    (redis, beats, jobs), database = await asyncio.gather(_redis(state), _database(state))
     workers_ok = any(w["alive"] for w in beats)
     healthy = redis["status"] == "ok" and database["status"] == "ok" and workers_ok
     return {
@@ -94,6 +99,7 @@ async def health_detailed(state: StateDep) -> dict[str, Any]:
         "redis": redis,
         "database": database,
         "workers": {"status": "ok" if workers_ok else "missing", "instances": beats},
+        "jobs": jobs,
         "recorder": {
             "pending": state.recorder.pending,
             "dropped": state.recorder.dropped,

@@ -8,10 +8,11 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
+from arq import cron
 from sqlalchemy import insert, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.store.heartbeat import write_beat
+from app.store.heartbeat import HEARTBEAT_INTERVAL_S, write_beat
 from app.store.schema import WorkerHeartbeat
 from workers.context import get_context
 
@@ -55,3 +56,11 @@ async def _store(engine: Any, worker_id: str, started_at: float, beats: int) -> 
                     beats=beats,
                 )
             )
+
+
+FUNCTIONS = [heartbeat]
+CRONS = [
+    # One beat per interval across the fleet: it proves the queue is being worked, and
+    # names the worker that ran it.
+    cron(heartbeat, second=set(range(0, 60, HEARTBEAT_INTERVAL_S)), run_at_startup=True),
+]
