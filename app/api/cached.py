@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi.responses import Response
 
+from app.api.bodies import embeddings_summary
 from app.api.exchange import Exchange
 from app.api.responses import EventStream, JSONBytes
 from app.api.routing import seconds_header
@@ -183,6 +184,8 @@ def hit_response(
     exchange.stream = stream
     answer = cached.answer
     choices = answer.get("choices") or [{}]
+    if exchange.body_retention_s is not None:
+        exchange.response_body = answer if cached.kind == "chat" else embeddings_summary(answer)
     exchange.record(
         state.recorder,
         status=200,

@@ -17,13 +17,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.bodies import keep_response, note_route, stream_sink
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
 from app.api.exchange import Exchange
 from app.api.responses import EventStream, JSONBytes
 from app.api.routing import request_deadline, resolve_route
-from app.api.streaming import first_chunk, sse_body
+from app.api.streaming import StreamSink, first_chunk, sse_body
 from app.cache.service import Flight
 from app.deps import StateDep, request_id
 from app.errors import GatewayError
@@ -49,7 +50,7 @@ async def handle(
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         early = cached.early_route(state, body)
         if early is not None:
-            exchange.route = early
+            note_route(state, exchange, early, body, headers)
             cache_plan = cached.plan(state, "chat", early, body, headers)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
@@ -59,7 +60,7 @@ async def handle(
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
-        exchange.route = route
+        note_route(state, exchange, route, body, headers)
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
@@ -82,8 +83,9 @@ async def handle(
             return chat_call(target, chat, body, rid)
 
         if chat.stream:
-            fill = (
-                None if cache_plan is None else cached.StreamFill(state.cache, cache_plan, flight)
+            fill = stream_sink(
+                exchange,
+                None if cache_plan is None else cached.StreamFill(state.cache, cache_plan, flight),
             )
             flight = None  # the stream releases it when it ends
             return await _stream(state, route, call, chat, exchange, deadline, client_set, fill)
@@ -100,7 +102,7 @@ async def handle(
         exchange.target = won.target
         result = won.value
     except GatewayError as e:
-        exchange.record(state.recorder, status=e.status, error_code=e.code)
+        exchange.record(state.recorder, status=e.status, error_code=e.code, error_type=e.type)
         e.headers.update(exchange.headers())
         raise
     except asyncio.CancelledError:
@@ -115,6 +117,7 @@ async def handle(
     if cache_plan is not None:
         cached.fill(state.cache, cache_plan, flight, result)
     choices = result.get("choices") or [{}]
+    keep_response(exchange, result)
     exchange.record(
         state.recorder,
         status=200,
@@ -132,7 +135,7 @@ async def _stream(
     exchange: Exchange,
     deadline: float,
     client_set: bool,
-    fill: cached.StreamFill | None,
+    fill: StreamSink | None,
 ) -> Response:
     async def attempt(target: Target) -> tuple[JSON, AsyncIterator[JSON]]:
         upstream = state.providers.get(target.deployment.provider).stream(call(target))

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.bodies import embeddings_summary, keep_response, note_route
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import embed_call
 from app.api.exchange import Exchange
@@ -43,7 +44,7 @@ async def handle(
                 "input must not be empty", param="input", code="invalid_value"
             )
         deadline, client_set = request_deadline(state, req.model, headers)
-        exchange.route = req.model
+        note_route(state, exchange, req.model, body, headers)
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
         if cache_plan is not None and cache_plan.read:
             found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)
@@ -69,7 +70,7 @@ async def handle(
         exchange.target = won.target
         result = won.value
     except GatewayError as e:
-        exchange.record(state.recorder, status=e.status, error_code=e.code)
+        exchange.record(state.recorder, status=e.status, error_code=e.code, error_type=e.type)
         e.headers.update(exchange.headers())
         raise
     finally:
@@ -77,6 +78,7 @@ async def handle(
             flight.finish()  # failed or cancelled: its waiters proceed on their own
     if cache_plan is not None:
         cached.fill(state.cache, cache_plan, flight, result)
+    keep_response(exchange, embeddings_summary(result))
     exchange.record(state.recorder, status=200, usage=result.get("usage"))
     return Response(orjson.dumps(result), media_type="application/json", headers=exchange.headers())
 

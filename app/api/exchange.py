@@ -23,6 +23,12 @@ class Exchange:
     ttft_s: float | None = None
     route: str | None = None
     cache: str = "bypass"  # hit-l1, hit-l2, miss or bypass
+    tenant: str | None = None
+    variant: str | None = None
+    # Set only when the route stores bodies (`bodies: {store: true}`); else never kept.
+    body_retention_s: float | None = None
+    request_body: Any = None
+    response_body: Any = None
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -52,6 +58,7 @@ class Exchange:
         usage: dict[str, Any] | None = None,
         finish_reason: str | None = None,
         error_code: str | None = None,
+        error_type: str | None = None,
         disconnected: bool = False,
         usage_estimated: bool = False,
     ) -> None:
@@ -83,5 +90,24 @@ class Exchange:
                 usage_estimated=usage_estimated,
                 attempts=self.attempts,
                 cache=self.cache,
+                tenant=self.tenant,
+                variant=self.variant,
+                error_type=error_type,
+                bodies=self._bodies(),
             )
         )
+
+    def keep_bodies(self, retention_s: float | None, request: Any) -> None:
+        """Keep this exchange's bodies for its record (the route stores them)."""
+        if retention_s is not None:
+            self.body_retention_s = retention_s
+            self.request_body = request
+
+    def _bodies(self) -> dict[str, Any] | None:
+        if self.body_retention_s is None:
+            return None
+        return {
+            "request": self.request_body,
+            "response": self.response_body,
+            "retention_s": self.body_retention_s,
+        }

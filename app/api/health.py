@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.deps import StateDep
 from app.state import AppState
+from app.store.consolidation import consolidation_status
 from app.store.db import current_revision
 from app.store.heartbeat import read_beats
 from app.store.jobs import read_jobs
@@ -28,23 +29,27 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _redis(
-    state: AppState,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Redis's health, the workers' heartbeats and the background jobs' outcomes."""
+async def _redis(state: AppState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Redis's health, and what the workers report through it: heartbeats, the background
+    jobs' outcomes and the consolidation queue."""
     if state.redis is None:
-        return {"status": "not_configured"}, [], {}
+        return {"status": "not_configured"}, {}
     started = time.perf_counter()
     try:
         await asyncio.wait_for(state.redis.ping(), CHECK_TIMEOUT_S)
         latency = (time.perf_counter() - started) * 1000
         prefix = state.settings.flywheel_redis_prefix
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            beats = await read_beats(state.redis, prefix)
-            jobs = await read_jobs(state.redis, prefix)
+            reports = {
+                "workers": await read_beats(state.redis, prefix),
+                "jobs": await read_jobs(state.redis, prefix),
+                "consolidation": await consolidation_status(state.redis, prefix),
+                # arq's queue is a sorted set of job ids: the jobs waiting for a worker.
+                "queued": await state.redis.zcard(prefix + "queue"),
+            }
     except (RedisError, OSError, TimeoutError) as e:
-        return {"status": "down", "error": type(e).__name__}, [], {}
-    return {"status": "ok", "latency_ms": round(latency, 2)}, beats, jobs
+        return {"status": "down", "error": type(e).__name__}, {}
+    return {"status": "ok", "latency_ms": round(latency, 2)}, reports
 
 
 async def _database(state: AppState) -> dict[str, Any]:
@@ -90,7 +95,8 @@ def _deployments(state: AppState) -> list[dict[str, Any]]:
 
 @router.get("/health/detailed")
 async def health_detailed(state: StateDep) -> dict[str, Any]:
-    (redis, beats, jobs), database = await asyncio.gather(_redis(state), _database(state))
+    (redis, reports), database = await asyncio.gather(_redis(state), _database(state))
+    beats: list[dict[str, Any]] = reports.get("workers", [])
     workers_ok = any(w["alive"] for w in beats)
     healthy = redis["status"] == "ok" and database["status"] == "ok" and workers_ok
     return {
@@ -98,8 +104,16 @@ async def health_detailed(state: StateDep) -> dict[str, Any]:
         "uptime_s": round(time.time() - state.started_at, 1),
         "redis": redis,
         "database": database,
-        "workers": {"status": "ok" if workers_ok else "missing", "instances": beats},
-        "jobs": jobs,
+        "workers": {
+            "status": "ok" if workers_ok else "missing",
+            "instances": beats,
+            "queue": {
+                "name": state.settings.flywheel_redis_prefix + "queue",
+                "queued": reports.get("queued"),
+            },
+        },
+        "jobs": reports.get("jobs", {}),
+        "consolidation": reports.get("consolidation"),
         "recorder": {
             "pending": state.recorder.pending,
             "dropped": state.recorder.dropped,

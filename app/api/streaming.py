@@ -84,6 +84,7 @@ async def sse_body(
     tally = _Tally()
     wants_usage = request.wants_usage_in_stream
     status, error_code, complete, disconnected = 200, None, False, False
+    error_type: str | None = None
     chunk: dict[str, Any] | None = first
     try:
         while chunk is not None:
@@ -102,14 +103,14 @@ async def sse_body(
         complete = True
         yield DONE
     except GatewayError as e:
-        status, error_code = e.status, e.code
+        status, error_code, error_type = e.status, e.code, e.type
         yield sse(e.body())
         yield DONE
     except Exception:
         # A bug must still end the stream the way clients expect: an error event, [DONE].
         log.exception("stream %s failed", exchange.request_id)
         err = UpstreamError("the stream failed inside the gateway", code="internal_error")
-        status, error_code = 500, err.code
+        status, error_code, error_type = 500, err.code, err.type
         yield sse(err.body())
         yield DONE
     except (asyncio.CancelledError, GeneratorExit):
@@ -135,6 +136,7 @@ async def sse_body(
             usage=usage,
             finish_reason=tally.finish,
             error_code=error_code,
+            error_type=error_type,
             disconnected=disconnected,
             usage_estimated=estimated,
         )

@@ -121,6 +121,13 @@ class CacheConfig(_Strict):
         return value
 
 
+class BodiesConfig(_Strict):
+    """Store the route's request and response bodies (redacted) with their own retention."""
+
+    store: bool = False
+    retention_days: float | None = Field(default=None, gt=0)  # else FLYWHEEL_BODY_RETENTION_DAYS
+
+
 class RouteConfig(_Strict):
     strategy: Strategy = "weighted"
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -134,6 +141,7 @@ class RouteConfig(_Strict):
     breaker: BreakerConfig = BreakerConfig()
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     cache: CacheConfig | None = None
+    bodies: BodiesConfig | None = None
 
     @model_validator(mode="after")
     def _deployments_or_ensemble(self) -> RouteConfig:

@@ -22,11 +22,21 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.observability.redact import redact
+
 log = logging.getLogger("flywheel.records")
 
-# Stream entries are batches, so this bounds memory at roughly this many intervals.
+# Stream entries are batches, so this bounds Redis at roughly this many intervals.
 STREAM_MAXLEN = 50_000
 BATCH_MAX = 1000
+
+
+def encode_batch(batch: list[RequestRecord]) -> bytes:
+    """The stream entry of a batch; bodies (rare: only routes that opt in) redacted."""
+    for rec in batch:
+        if rec.bodies is not None and not rec.bodies.get("redacted"):
+            rec.bodies = {**redact(rec.bodies), "redacted": True}
+    return orjson.dumps(batch)
 
 
 @dataclass(slots=True)
@@ -51,6 +61,13 @@ class RequestRecord:
     usage_estimated: bool = False
     attempts: int = 1
     cache: str = "bypass"  # the cache tier that answered: hit-l1, hit-l2, miss, bypass
+    tenant: str | None = None
+    variant: str | None = None
+    trace_id: str | None = None
+    error_type: str | None = None
+    # Only for routes that store bodies: {"request": …, "response": …, "retention_s": …},
+    # redacted by the recorder off the request path before it leaves the process.
+    bodies: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,11 +87,14 @@ class Recorder:
         *,
         capacity: int = 50_000,
         interval_s: float = 0.05,
+        maxlen: int = STREAM_MAXLEN,
     ) -> None:
         self._redis = redis
         self._stream = stream_key
         self._capacity = capacity
         self._interval_s = interval_s
+        self._maxlen = maxlen
+        self._outage_dropped = 0  # dropped since the last successful shipment
         self._buffer: deque[RequestRecord] = deque()
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
@@ -88,8 +108,16 @@ class Recorder:
             return
         if len(self._buffer) >= self._capacity:
             self._buffer.popleft()
-            self.dropped += 1
+            self._count_drops(1)
         self._buffer.append(rec)
+
+    def _count_drops(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._outage_dropped == 0:
+            log.warning("request record buffer full: dropping the oldest records")
+        self.dropped += n
+        self._outage_dropped += n
 
     @property
     def pending(self) -> int:
@@ -119,20 +147,25 @@ class Recorder:
         assert self._redis is not None
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), BATCH_MAX))]
+            if any(rec.bodies is not None for rec in batch):
+                # Redaction is regex work over whole bodies: not on the event loop.
+                payload = await asyncio.to_thread(encode_batch, batch)
+            else:
+                payload = orjson.dumps(batch)
             try:
                 await self._redis.xadd(
-                    self._stream,
-                    {"records": orjson.dumps(batch)},
-                    maxlen=STREAM_MAXLEN,
-                    approximate=True,
+                    self._stream, {"records": payload}, maxlen=self._maxlen, approximate=True
                 )
             except (RedisError, OSError) as e:
                 log.warning("request records not shipped (%s); keeping them", type(e).__name__)
                 room = self._capacity - len(self._buffer)
-                self.dropped += max(0, len(batch) - room)
+                self._count_drops(len(batch) - room)
                 self._buffer.extendleft(reversed(batch[len(batch) - max(0, room) :]))
                 return False
             self.shipped += len(batch)
+        if self._outage_dropped:
+            log.warning("request records shipped again; %d were dropped", self._outage_dropped)
+            self._outage_dropped = 0
         return True
 
     async def _ship_forever(self) -> None:

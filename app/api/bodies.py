@@ -1,0 +1,82 @@
+"""Who a request belongs to, and the bodies kept for routes that store them.
+
+A route with `bodies: {store: true}` has its request and response bodies added to the
+request record; the recorder redacts them (PII and secrets) off the request path before
+they leave the process, and the workers store them with their own retention.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from app.api.exchange import Exchange
+from app.api.streaming import StreamSink
+from app.cache.answer import StreamAssembler
+from app.cache.keys import tenant_of
+from app.state import AppState
+
+DAY_S = 86400.0
+log = logging.getLogger("flywheel.records")
+
+
+def note_route(
+    state: AppState, exchange: Exchange, route: str, body: Any, headers: Mapping[str, str]
+) -> None:
+    """The exchange's route and tenant; its bodies kept if the route stores them."""
+    exchange.route = route
+    exchange.tenant = tenant_of(headers.get("authorization"))
+    config = state.router.routes.get(route)
+    if config is not None and config.bodies is not None and config.bodies.store:
+        days = config.bodies.retention_days or state.settings.flywheel_body_retention_days
+        exchange.keep_bodies(days * DAY_S, body)
+
+
+def keep_response(exchange: Exchange, answer: Any) -> None:
+    if exchange.body_retention_s is not None:
+        exchange.response_body = answer
+
+
+def embeddings_summary(answer: Any) -> Any:
+    """Vectors are bulky and say nothing to a reader: the stored response omits them."""
+    if not isinstance(answer, dict):
+        return answer
+    return {k: v for k, v in answer.items() if k != "data"} | {
+        "data_count": len(answer.get("data") or ())
+    }
+
+
+class BodySink:
+    """Assembles a streamed answer for the record, passing every chunk on to `inner`."""
+
+    __slots__ = ("_assembler", "_exchange", "_inner")
+
+    def __init__(self, exchange: Exchange, inner: StreamSink | None) -> None:
+        self._exchange = exchange
+        self._inner = inner
+        self._assembler: StreamAssembler | None = StreamAssembler()
+
+    def feed(self, chunk: dict[str, Any]) -> None:
+        if self._assembler is not None:
+            try:
+                self._assembler.feed(chunk)
+            except Exception:  # keeping a body must never break a live stream
+                log.exception("stream body not kept: assembling it failed")
+                self._assembler = None
+        if self._inner is not None:
+            self._inner.feed(chunk)
+
+    def close(self, complete: bool) -> None:
+        if self._assembler is not None:
+            try:
+                self._exchange.response_body = self._assembler.result()
+            except Exception:
+                log.exception("stream body not kept: assembling it failed")
+                self._exchange.response_body = None
+        if self._inner is not None:
+            self._inner.close(complete)
+
+
+def stream_sink(exchange: Exchange, inner: StreamSink | None) -> StreamSink | None:
+    return inner if exchange.body_retention_s is None else BodySink(exchange, inner)

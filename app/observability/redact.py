@@ -1,0 +1,83 @@
+"""PII and secret redaction: applied to anything stored (and, later, logged or traced).
+
+Masks e-mail addresses, phone numbers, payment card numbers (only digit runs that pass
+the Luhn check, so order numbers and timestamps survive), national ID patterns (US SSN,
+UK NINO) and strings shaped like API keys or bearer tokens. Each match becomes a typed
+placeholder such as `[EMAIL]`, so a reader still sees what kind of thing was there.
+Pure CPU: callers with large payloads run it in a thread.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Provider and cloud key shapes, then generic "bearer <token>" and key=value secrets.
+_SECRET = re.compile(
+    r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9_-]+-)?[A-Za-z0-9_-]{16,}"
+    r"|\bsk-ant-[A-Za-z0-9_-]{16,}"
+    r"|\bAKIA[0-9A-Z]{16}\b"
+    r"|\bAIza[0-9A-Za-z_-]{35}\b"
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"
+)
+_BEARER = re.compile(
+    r"(?i)\b(bearer|token|api[_-]?key|secret|password)(\s*[:=]\s*|\s+)([^\s\"',;]{8,})"
+)
+_CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
+_SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b")
+_NINO = re.compile(r"\b[A-CEGHJ-PR-TW-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}[ .-]\d{3,4}[ .-]?\d{3,4}\b"
+)
+
+
+def _luhn(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return "[CARD]" if 13 <= len(digits) <= 19 and _luhn(digits) else match.group(0)
+
+
+def _phone(match: re.Match[str]) -> str:
+    digits = sum(ch.isdigit() for ch in match.group(0))
+    return "[PHONE]" if 7 <= digits <= 15 else match.group(0)
+
+
+_RULES: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (_SECRET, "[SECRET]"),
+    (_BEARER, lambda m: f"{m.group(1)}{m.group(2)}[SECRET]"),
+    (_EMAIL, "[EMAIL]"),
+    (_CARD, _card),  # before phones: a card number also looks like digit groups
+    (_SSN, "[NATIONAL_ID]"),
+    (_NINO, "[NATIONAL_ID]"),
+    (_PHONE, _phone),
+)
+
+
+def redact_text(text: str) -> str:
+    for pattern, replacement in _RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact(value: Any) -> Any:
+    """A copy of a JSON-like value with every string redacted (keys kept as they are)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value

@@ -1,0 +1,107 @@
+"""Request records (as the gateway ships them) into rows, inserted idempotently."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Table
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.store.schema import RequestBody, RequestRow
+
+REQUESTS: Table = RequestRow.__table__  # type: ignore[assignment]
+BODIES: Table = RequestBody.__table__  # type: ignore[assignment]
+
+# Record field → column, where the names differ.
+_RENAMED = {"request_id": "id", "cache": "cache_tier"}
+_COLUMNS = {c.name: c for c in REQUESTS.columns}
+# Every row carries every column (one executemany needs one shape), records from an
+# older gateway included: missing fields take the column's default.
+_DEFAULTS = {c.name: getattr(c.default, "arg", None) for c in REQUESTS.columns}
+
+
+@dataclass(slots=True)
+class Rows:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def ids(self) -> list[str]:
+        return [str(r["id"]) for r in self.requests]
+
+    def split(self) -> Iterator[Rows]:
+        """One Rows per request, with its body if it has one."""
+        bodies = {b["request_id"]: b for b in self.bodies}
+        for row in self.requests:
+            body = bodies.get(row["id"])
+            yield Rows([row], [body] if body is not None else [])
+
+
+def _clip(name: str, value: Any) -> Any:
+    """Strings cut to their column's length: a long model name must not sink a batch."""
+    length = getattr(_COLUMNS[name].type, "length", None)
+    if isinstance(value, str) and length is not None and len(value) > length:
+        return value[:length]
+    return value
+
+
+def rows_of(records: list[dict[str, Any]]) -> Rows:
+    out = Rows()
+    seen: set[str] = set()
+    for rec in records:
+        row: dict[str, Any] = dict(_DEFAULTS)
+        extra = dict(rec.get("extra") or {})
+        for name, value in rec.items():
+            column = _RENAMED.get(name, name)
+            if column in ("started_at", "bodies", "extra"):
+                continue
+            if column in _COLUMNS:
+                row[column] = _clip(column, value)
+            else:
+                extra[name] = value  # a field newer than this schema: kept, not lost
+        created = datetime.fromtimestamp(float(rec["started_at"]), UTC)
+        row["created_at"] = created
+        row["extra"] = extra or None
+        if row["id"] in seen:
+            continue  # a duplicate inside one batch would fail the insert
+        seen.add(row["id"])
+        out.requests.append(row)
+        bodies = rec.get("bodies")
+        if bodies:
+            out.bodies.append(_body_row(row, bodies, created))
+    return out
+
+
+def _body_row(row: dict[str, Any], bodies: dict[str, Any], created: datetime) -> dict[str, Any]:
+    def text(value: Any) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+    retention = float(bodies.get("retention_s") or 0)
+    return {
+        "request_id": row["id"],
+        "created_at": created,
+        "expires_at": created + timedelta(seconds=retention),
+        "route": row.get("route"),
+        "request": text(bodies.get("request")),
+        "response": text(bodies.get("response")),
+    }
+
+
+async def insert_rows(engine: AsyncEngine, rows: Rows) -> int:
+    """Insert in one transaction, skipping ids already there; the requests inserted."""
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    inserted = 0
+    async with engine.begin() as conn:
+        if rows.requests:
+            stmt = insert(REQUESTS).on_conflict_do_nothing(index_elements=["id"])
+            result = await conn.execute(stmt, rows.requests)
+            inserted = max(0, result.rowcount or 0)
+        if rows.bodies:
+            stmt = insert(BODIES).on_conflict_do_nothing(index_elements=["request_id"])
+            await conn.execute(stmt, rows.bodies)
+    return inserted
