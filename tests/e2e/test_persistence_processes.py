@@ -55,12 +55,19 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path: Path, redis_url: str, database_url: str, key_prefix: str) -> Iterator[Rig]:
+def rig(
+    tmp_path: Path,
+    redis_url: str,
+    database_url: str,
+    key_prefix: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Rig]:
     routes = tmp_path / "routes.yaml"
     route = f"m-{uuid.uuid4().hex[:8]}"
     mock = {"name": "mock", "provider": "mock", "model": "mock-1", "mock": {"latency_ms": 1}}
     routes.write_text(yaml.safe_dump({"routes": {route: {"deployments": [mock]}}}))
     port = free_port()
+    interval = "30" if request.node.get_closest_marker("hold_records") else "0.05"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")},
         "FLYWHEEL_CONFIG": str(routes),
@@ -68,6 +75,8 @@ def rig(tmp_path: Path, redis_url: str, database_url: str, key_prefix: str) -> I
         "FLYWHEEL_REDIS_PREFIX": f"{key_prefix}p{uuid.uuid4().hex[:6]}:",
         "REDIS_URL": redis_url,
         "DATABASE_URL": database_url,
+        # Tests marked `hold_records` keep records in the gateway until it stops.
+        "FLYWHEEL_RECORDS_INTERVAL_S": interval,
     }
     log = tmp_path / "processes.log"
     with log.open("ab") as out:
@@ -193,3 +202,16 @@ async def test_records_wait_in_redis_while_the_database_is_unreachable(
     await wait_rows(rig, database_url, 200, within_s=20)
     await asyncio.sleep(1)
     assert await rows(rig, database_url) == (200, 200)
+
+
+@pytest.mark.hold_records
+async def test_graceful_gateway_stop_ships_what_it_holds(rig: Rig, database_url: str) -> None:
+    rig.worker()
+    await send(rig, 300)
+    assert consolidation(rig.url)["queue_length"] == 0  # all of it still in the gateway
+    rig.gateway.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught.
+    assert rig.gateway.wait(15) in (0, -signal.SIGTERM)
+    assert b"Application shutdown complete" in rig.log.read_bytes()
+    await wait_rows(rig, database_url, 300, within_s=10)
+    assert await rows(rig, database_url) == (300, 300)
