@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from arq import Retry
@@ -31,17 +31,17 @@ def backoff_s(job_try: int) -> float:
 
 
 def tracked(
-    fn: Callable[[dict[str, Any]], Awaitable[T]],
-) -> Callable[[dict[str, Any]], Awaitable[T]]:
-    """Wrap an arq job (ctx only) so its outcome is noted and a failure retried."""
+    fn: Callable[..., Awaitable[T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Wrap an arq job so its outcome is noted and a failure retried."""
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def run(ctx: dict[str, Any]) -> T:
+    async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> T:
         prefix = get_context(ctx).settings.flywheel_redis_prefix
         started = time.perf_counter()
         try:
-            result = await fn(ctx)
+            result = await fn(ctx, *args, **kwargs)
         except Exception as e:
             tries = int(ctx.get("job_try") or 1)
             log.warning("job %s failed (try %d of %d): %r", name, tries, MAX_TRIES, e)
