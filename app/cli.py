@@ -1,4 +1,4 @@
-"""The `flywheel` command: run, serve, worker, migrate, profile."""
+"""The `flywheel` command: run, serve, worker, migrate, profile, snapshot."""
 
 from __future__ import annotations
 
@@ -70,6 +70,59 @@ def profile(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def _snapshot(settings: Settings, action: str, target: str | None) -> dict[str, Any]:
+    """Run a snapshot command against the configured Redis, database and directory."""
+    from redis.asyncio import Redis
+
+    from app.store.db import make_engine
+    from app.store.snapshots import Snapshots
+
+    if settings.redis_dsn is None:
+        raise SystemExit("flywheel: no Redis: set REDIS_URL (or start `flywheel run`)")
+    # A restore writes up to thousands of entries in one transaction: not the gateway's
+    # 250 ms request-path timeout.
+    redis = Redis.from_url(settings.redis_dsn, socket_timeout=30, socket_connect_timeout=5)
+    engine = make_engine(settings.database_dsn)
+    store = Snapshots.from_settings(settings, redis, engine)
+    try:
+        if action == "create":
+            return (await store.create()).as_dict()
+        if action == "list":
+            return {"data": [s.as_dict() for s in await store.listing()]}
+        assert target is not None
+        return await store.restore(target, allow_path=True)
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def snapshot(settings: Settings, action: str, target: str | None, as_json: bool) -> int:
+    import asyncio
+
+    import orjson
+    from redis.exceptions import RedisError
+
+    from app.store.snapshot_file import SnapshotError
+
+    try:
+        out = asyncio.run(_snapshot(settings, action, target))
+    except SnapshotError as e:
+        print(f"flywheel: snapshot {action}: {e}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as e:
+        print(f"flywheel: snapshot {action}: Redis or the disk failed: {e}", file=sys.stderr)
+        return 1
+    if action != "list" or as_json:
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    for s in out["data"]:
+        counts = " ".join(f"{k}={v}" for k, v in s["counts"].items())
+        print(f"{s['id']}  {s['created']}  {s['size_bytes']:>10} B  {s['checksum']}  {counts}")
+    if not out["data"]:
+        print("no snapshots", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,8 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="an arq worker")
     sub.add_parser("migrate", help="alembic upgrade head")
     sub.add_parser("profile", help="print the resolved profile, policy and routes")
+    snap = sub.add_parser("snapshot", help="snapshots of the learned state")
+    snap_sub = snap.add_subparsers(dest="action", required=True)
+    for name, text in (("create", "take one now"), ("list", "the indexed ones, newest first")):
+        snap_sub.add_parser(name, help=text).add_argument("--json", action="store_true")
+    restore = snap_sub.add_parser("restore", help="restore one into Redis")
+    restore.add_argument("target", help="a snapshot id, or the path of a .json.gz file")
+    restore.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     settings = _settings()
+    if args.command == "snapshot":
+        return snapshot(settings, args.action, getattr(args, "target", None), args.json)
     try:
         if args.command == "profile":
             import yaml

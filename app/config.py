@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     # Persistence (workers): the request stream, consolidation, retention.
     flywheel_records_stream_maxlen: int = Field(default=50_000, gt=0)
     flywheel_records_buffer: int = Field(default=50_000, gt=0)
+    flywheel_records_interval_s: float = Field(default=0.05, gt=0, le=60)
     flywheel_consolidate_batch_size: int = Field(default=10, gt=0)
     flywheel_consolidate_delay_s: float = Field(default=0.05, ge=0)
     flywheel_consolidate_claim_idle_s: float = Field(default=30.0, gt=0)
@@ -101,6 +102,7 @@ class Settings(BaseSettings):
         "database_url",
         "flywheel_master_key",
         "flywheel_config",
+        "flywheel_snapshot_dir",
         "otel_exporter_otlp_endpoint",
         "langsmith_api_key",
         "langsmith_project",

@@ -24,7 +24,12 @@ from app.api.middleware import RequestIdMiddleware
 from app.cache.service import make_cache
 from app.config import Settings
 from app.errors import install_error_handlers
-from app.observability.metrics import make_registry
+from app.observability.metrics import (
+    CountedRecorder,
+    RequestCounter,
+    make_metrics,
+    multiprocess_dir,
+)
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
 from app.routing.config import RoutesFile, load_routes
@@ -33,9 +38,8 @@ from app.routing.router import Router
 from app.routing.weights import refresh_forever
 from app.schemas.chat import ChatCompletionRequest
 from app.schemas.embeddings import EmbeddingRequest
-from app.state import AppState
+from app.state import AppState, make_job_queue
 from app.store.db import check_schema, make_engine
-from app.store.records import Recorder
 from app.store.redis import key, make_redis
 
 log = logging.getLogger("flywheel")
@@ -56,13 +60,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         connect_timeout_s=settings.flywheel_upstream_connect_timeout_s,
     )
     redis = make_redis(settings)
-    recorder = Recorder(redis, key(settings, "requests"))
+    requests = RequestCounter(routes.routes)  # flywheel_requests_total, as recorded
+    recorder = CountedRecorder(
+        redis,
+        key(settings, "requests"),
+        capacity=settings.flywheel_records_buffer,
+        maxlen=settings.flywheel_records_stream_maxlen,
+        interval_s=settings.flywheel_records_interval_s,
+        counter=requests,
+    )
     recorder.start()
     cache = make_cache(settings)
     cache_task = asyncio.create_task(cache.run_background(), name="cache") if cache.l2 else None
     weights_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
+    gateway_metrics = make_metrics(dispatcher, cache, requests, multiprocess_dir())
+    metrics_task = (
+        asyncio.create_task(gateway_metrics.run_background(), name="metrics")
+        if gateway_metrics.multiproc_dir
+        else None
+    )
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,
@@ -74,10 +92,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine=engine,
         recorder=recorder,
         started_at=time.time(),
-        metrics=make_registry(dispatcher, cache),
+        metrics=gateway_metrics,
         cache=cache,
+        jobs=make_job_queue(settings),
     )
-    if redis is not None and any(r.strategy == "adaptive" for r in routes.routes.values()):
+    # Not only for adaptive routes: the same tick shares breaker cooldowns (one round
+    # trip, and none while every breaker is closed).
+    if redis is not None:
         weights_task = asyncio.create_task(
             refresh_forever(
                 redis, settings.flywheel_redis_prefix, router, settings.flywheel_weights_refresh_s
@@ -96,16 +117,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in (weights_task, cache_task):
+        for task in (weights_task, cache_task, metrics_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await cache.stop()
         await recorder.stop()
+        gateway_metrics.close()  # after the last record is counted
         await http.close()
         if redis is not None:
             await redis.aclose()
+        if app.state.flywheel.jobs is not None:
+            await app.state.flywheel.jobs.aclose(close_connection_pool=True)
         await engine.dispose()
 
 

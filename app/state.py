@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cache.service import ResponseCache
@@ -32,3 +33,22 @@ class AppState:
     started_at: float
     metrics: CollectorRegistry
     cache: ResponseCache
+    # The arq queue admin endpoints enqueue worker jobs on, by name (app never imports
+    # workers); None without Redis.
+    jobs: ArqRedis | None = None
+
+
+def make_job_queue(settings: Settings) -> ArqRedis | None:
+    """The arq queue the workers consume (`workers.main`: `{prefix}queue`).
+
+    Built without I/O (arq's `create_pool` pings, with retries), so a Redis that is down
+    at start-up delays nothing; each enqueue is bounded by the socket timeouts instead.
+    """
+    dsn = settings.redis_dsn
+    if dsn is None:
+        return None
+    timeout = max(1.0, settings.flywheel_redis_timeout_s)
+    pool = ConnectionPool.from_url(
+        dsn, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=16
+    )
+    return ArqRedis(pool, default_queue_name=settings.flywheel_redis_prefix + "queue")

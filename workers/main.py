@@ -1,7 +1,8 @@
 """arq worker settings: `arq workers.main.WorkerSettings` (or `flywheel worker`).
 
 Each task module exports FUNCTIONS (jobs that can be enqueued by name) and CRONS
-(its schedule); this module only gathers them.
+(its schedule), and may define `on_startup(ctx)` / `on_shutdown(ctx)` for work that
+lives as long as the worker (the consolidator); this module only gathers them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,27 @@ from arq.connections import RedisSettings
 
 from app.config import Settings
 from workers.context import shutdown, startup
-from workers.tasks import heartbeat
+from workers.tasks import consolidate, heartbeat, maintenance, metrics, snapshots
 
 _settings = Settings()
-TASK_MODULES = (heartbeat,)
+TASK_MODULES: tuple[Any, ...] = (heartbeat, consolidate, metrics, maintenance, snapshots)
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    await startup(ctx)
+    for module in TASK_MODULES:
+        hook = getattr(module, "on_startup", None)
+        if hook is not None:
+            await hook(ctx)
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    # Long-lived work first (the consolidator finishes its batch), then the engine.
+    for module in reversed(TASK_MODULES):
+        hook = getattr(module, "on_shutdown", None)
+        if hook is not None:
+            await hook(ctx)
+    await shutdown(ctx)
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -28,8 +46,8 @@ class WorkerSettings:
     queue_name = _settings.flywheel_redis_prefix + "queue"
     functions: ClassVar[list[Any]] = [f for m in TASK_MODULES for f in m.FUNCTIONS]
     cron_jobs: ClassVar[list[Any]] = [c for m in TASK_MODULES for c in m.CRONS]
-    on_startup = startup
-    on_shutdown = shutdown
+    on_startup = on_startup
+    on_shutdown = on_shutdown
     health_check_key = _settings.flywheel_redis_prefix + "worker:health"
     max_jobs = 20
     job_timeout = 300

@@ -1,24 +1,131 @@
-"""GET /metrics (Prometheus exposition) and GET /metrics/cache (the cache, as JSON)."""
+"""GET /metrics (Prometheus exposition), /metrics/cache, /metrics/history, /metrics/summary.
+
+Like /metrics, which Prometheus scrapes without credentials, none of these needs the
+master key: they hold counts, latencies and names from the routes file, never prompts,
+keys or tenants' data. Keep the gateway's `/metrics*` paths on the private network, as
+for any Prometheus endpoint. Nothing here writes to the database; the history and the
+summary's latest point read it within a short timeout, so a database that is down gives
+a 503 (history) or a null point (summary) quickly, never a hang.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import os
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.deps import StateDep
+from app.errors import ServiceUnavailableError
+from app.observability.metrics import GatewayMetrics
+from app.observability.queue_metrics import consolidation_exposition
+from app.state import AppState
+from app.store.consolidation import consolidation_status
+from app.store.metrics_history import latest_total, read_history
 
 router = APIRouter(tags=["metrics"])
+
+HISTORY_TIMEOUT_S = 3.0
+SUMMARY_DB_TIMEOUT_S = 1.0
+QUEUE_TIMEOUT_S = 0.5
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics), media_type=CONTENT_TYPE_LATEST)
+    registry = state.metrics
+    if isinstance(registry, GatewayMetrics):
+        body = await registry.exposition()
+    else:
+        body = generate_latest(registry)
+    return Response(body + await _queue(state), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _queue(state: AppState) -> bytes:
+    """The consolidation queue's metrics; none while Redis does not answer."""
+    if state.redis is None:
+        return b""
+    try:
+        async with asyncio.timeout(QUEUE_TIMEOUT_S):
+            status = await consolidation_status(state.redis, state.settings.flywheel_redis_prefix)
+    except (RedisError, OSError, TimeoutError):
+        return b""
+    return consolidation_exposition(status)
 
 
 @router.get("/metrics/cache")
 async def cache_metrics(state: StateDep) -> dict[str, Any]:
     """Per tier: hits, misses, hit rate and hit latency; L1 size and evictions; L2 health."""
     return state.cache.snapshot()
+
+
+@router.get("/metrics/history")
+async def metrics_history(
+    state: StateDep,
+    hours: Annotated[int, Query(ge=1, le=24, description="How far back, in hours (1-24)")] = 1,
+) -> dict[str, Any]:
+    """The metrics points the workers persisted: all traffic, and each route/deployment."""
+    try:
+        async with asyncio.timeout(HISTORY_TIMEOUT_S):
+            history = await read_history(state.engine, hours=hours, now=datetime.now(UTC))
+    except DB_ERRORS as e:
+        raise ServiceUnavailableError(
+            "metrics history is unavailable: the database did not answer",
+            code="database_unavailable",
+        ) from e
+    return {"interval_s": state.settings.flywheel_metrics_interval_s, **history}
+
+
+async def _latest_point(state: AppState) -> tuple[str, dict[str, Any] | None]:
+    try:
+        async with asyncio.timeout(SUMMARY_DB_TIMEOUT_S):
+            return "ok", await latest_total(state.engine)
+    except DB_ERRORS as e:
+        return f"down: {type(e).__name__}", None
+
+
+@router.get("/metrics/summary")
+async def metrics_summary(state: StateDep) -> dict[str, Any]:
+    """The current state in one cheap read: this process's counters, the newest point."""
+    database, latest = await _latest_point(state)
+    registry = state.metrics
+    counter = registry.requests if isinstance(registry, GatewayMetrics) else None
+    multiprocess = isinstance(registry, GatewayMetrics) and registry.multiproc_dir is not None
+    return {
+        "object": "metrics.summary",
+        "uptime_s": round(time.time() - state.started_at, 1),
+        # With several gateway processes, each answers for itself; /metrics sums them.
+        "process": {"pid": os.getpid(), "multiprocess_metrics": multiprocess},
+        "requests": None
+        if counter is None
+        else {
+            "total": counter.total,
+            "by_status": counter.by(1),
+            "by_cache": counter.by(2),
+            "by_route": counter.by(0),
+        },
+        "latest_point": latest,
+        "history": {
+            "database": database,
+            "interval_s": state.settings.flywheel_metrics_interval_s,
+            "points_kept": state.settings.flywheel_metrics_history_points,
+        },
+        "cache": state.cache.snapshot(),
+        "deployments": state.router.snapshot(),
+        "hedges": {
+            "started": state.dispatcher.hedges_started,
+            "won": state.dispatcher.hedges_won,
+        },
+        "recorder": {
+            "pending": state.recorder.pending,
+            "dropped": state.recorder.dropped,
+            "shipped": state.recorder.shipped,
+        },
+    }

@@ -112,6 +112,11 @@ class Breaker:
         longer = min(max(self.cooldown_s, self.policy.cooldown_s) * 2, self.policy.max_cooldown_s)
         self._open(now, longer, retry_after_s)
 
+    def hold_open(self, seconds: float) -> None:
+        """Open for `seconds` as its own failures would (probes after), e.g. because
+        another gateway's breaker for this deployment is open that much longer."""
+        self._open(self.clock(), 0.0, seconds)
+
     def _open(self, now: float, cooldown_s: float, retry_after_s: float | None) -> None:
         wait = max(cooldown_s, retry_after_s or 0.0)
         self.cooldown_s = cooldown_s

@@ -36,17 +36,19 @@ async def test_disconnect_before_first_byte_cancels_upstream(
         await asyncio.sleep(0.02)
     assert len(openai_upstream.state.disconnects) > before, "upstream still waited after 1 s"
     assert len(openai_upstream.seen) == seen_before + 1
-    ids = [r for r in await _records(redis_url, key_prefix) if r["route"] == "slow-long"]
+    records = await _records(redis_url, key_prefix, "slow-long")
+    ids = [r for r in records if r["route"] == "slow-long"]
     assert ids[-1]["status"] == 499
     assert ids[-1]["client_disconnected"] is True
 
 
-async def _records(redis_url: str, key_prefix: str) -> list[dict[str, Any]]:
+async def _records(redis_url: str, key_prefix: str, route: str) -> list[dict[str, Any]]:
+    """The session's records, once the 499 of `route` is among them (or after 2 s)."""
     redis = Redis.from_url(redis_url)
     try:
         for _ in range(40):
             records = decode_entries(await redis.xrange(key_prefix + "requests"))
-            if any(r["status"] == 499 for r in records):
+            if any(r["status"] == 499 and r["route"] == route for r in records):
                 return records
             await asyncio.sleep(0.05)
         return decode_entries(await redis.xrange(key_prefix + "requests"))

@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from app.store.schema import SCHEMA_REVISION
 from tests.e2e.conftest import BIN, ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +55,7 @@ def run_once(tmp: Path, port: int, sig: signal.Signals) -> None:
     try:
         detail = wait_healthy(url, proc)
         assert detail["redis"] == {"status": "ok", "latency_ms": detail["redis"]["latency_ms"]}  # type: ignore[index]
-        assert str(detail["database"]["revision"]) == "0001_initial"  # type: ignore[index]
+        assert str(detail["database"]["revision"]) == SCHEMA_REVISION  # type: ignore[index]
         children = psutil.Process(proc.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names

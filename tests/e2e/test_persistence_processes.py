@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from app.config import normalise_database_url
@@ -158,6 +159,10 @@ async def test_a_thousand_requests_become_a_thousand_rows(rig: Rig, database_url
     report = consolidation(rig.url)
     assert (report["queue_length"], report["pending"]) == (0, 0)
     assert report["processed"] == REQUESTS
+    scraped = httpx.get(rig.url + "/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    assert families["flywheel_records_consolidated"].samples[0].value == REQUESTS
+    assert families["flywheel_records_queue_length"].samples[0].value == 0
     print(f"1000 rows {took:.1f} s after the burst")
 
 
