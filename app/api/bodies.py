@@ -24,11 +24,14 @@ log = logging.getLogger("flywheel.records")
 def note_route(
     state: AppState, exchange: Exchange, route: str, body: Any, headers: Mapping[str, str]
 ) -> None:
-    """The exchange's route and tenant; its bodies kept if the route stores them."""
-    exchange.route = route
+    """The exchange's route (only one the routes file has: the model a client sent is
+    not a route until resolved), tenant, and bodies if the route stores them."""
     exchange.tenant = tenant_of(headers.get("authorization"))
     config = state.router.routes.get(route)
-    if config is not None and config.bodies is not None and config.bodies.store:
+    if config is None:
+        return
+    exchange.route = route
+    if config.bodies is not None and config.bodies.store:
         days = config.bodies.retention_days or state.settings.flywheel_body_retention_days
         exchange.keep_bodies(days * DAY_S, body)
 

@@ -16,15 +16,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.store.records import decode_entries
 from app.store.rows import Rows, insert_rows, rows_of
 
 log = logging.getLogger("flywheel.consolidation")
@@ -104,29 +105,35 @@ class Consolidator:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def step(self) -> int:
-        """One batch: records written (0 when there was nothing, -1 when it must wait)."""
-        entries = await self._next_entries()
+        """One batch: records handled (0 when there was nothing, -1 when it must wait)."""
+        try:
+            entries = await self._next_entries()
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # Redis lost the stream (restarted empty, flushed): a gateway's next record
+            # made a new one without the group. Make it again and go on.
+            log.warning("request stream lost its consumer group; creating it again")
+            await self.ensure_group()
+            return 0
         if not entries:
             return 0
+        records, unreadable = _decode(entries)
+        rows, refused = rows_of(records)
+        if unreadable or refused:
+            # Never writable as they are: kept whole for an operator, not retried forever.
+            log.error("%d request records set aside as unreadable", len(unreadable) + len(refused))
+            await self._dead_letter([*unreadable, *refused], "unreadable")
         try:
-            rows = rows_of(decode_entries(entries))
-        except (ValueError, KeyError, TypeError) as e:
-            # An entry that is not a batch of records can never be written: set aside.
-            log.error("unreadable request stream entries set aside: %r", e)
-            await self._set_aside(entries)
-            return 0
-        try:
-            written = await insert_rows(self.engine, rows)
+            await insert_rows(self.engine, rows)
         except (SQLAlchemyError, OSError) as e:
             if _is_outage(e):
                 self._outage("database", e)
                 self._own_pending = True  # retried from the pending list, in order
                 return -1
-            written = await self._one_by_one(rows)
+            await self._one_by_one(rows, records)
         await self._ack(entries, len(rows.requests))
         self._recovered()
-        if written < len(rows.requests):
-            log.debug("%d records were already consolidated", len(rows.requests) - written)
         return len(rows.requests)
 
     async def _next_entries(self) -> list[Entry]:
@@ -152,9 +159,15 @@ class Consolidator:
         if not reply:
             return []
         entries: list[Entry] = reply[0][1]
-        # Pending entries trimmed from the stream come back without fields: ack them away.
+        # Pending entries trimmed from the stream (MAXLEN, while the database was away)
+        # come back without fields: their records are lost; say so, count, ack them away.
         gone = [eid for eid, fields in entries if not fields]
         if gone:
+            log.error("%d request stream entries were trimmed before consolidation", len(gone))
+            await cast(
+                Awaitable[int],
+                self.redis.hincrby(stats_key(self.config.prefix), "trimmed", len(gone)),
+            )
             await self.redis.xack(self.stream, GROUP, *gone)
         return [(eid, fields) for eid, fields in entries if fields]
 
@@ -184,28 +197,28 @@ class Consolidator:
         await pipe.execute()
         self.processed += records
 
-    async def _one_by_one(self, rows: Rows) -> int:
+    async def _one_by_one(self, rows: Rows, records: list[dict[str, Any]]) -> None:
         """A batch the database refused as data: write what it takes, set the rest aside."""
-        written = 0
+        by_id = {str(r.get("request_id")): r for r in records}
         for single in rows.split():
             try:
-                written += await insert_rows(self.engine, single)
+                await insert_rows(self.engine, single)
             except (SQLAlchemyError, OSError) as e:
                 if _is_outage(e):
                     raise
                 log.error("request %s refused by the database: %s", single.ids(), type(e).__name__)
-                await self.redis.xadd(
-                    dead_key(self.config.prefix),
-                    {"ids": ",".join(single.ids()), "error": type(e).__name__},
-                    maxlen=10_000,
-                    approximate=True,
-                )
-        return written
+                refused = [by_id.get(i, {"request_id": i}) for i in single.ids()]
+                await self._dead_letter(refused, type(e).__name__)
 
-    async def _set_aside(self, entries: list[Entry]) -> None:
-        for _, fields in entries:
-            await self.redis.xadd(dead_key(self.config.prefix), dict(fields), maxlen=10_000)  # type: ignore[arg-type]
-        await self._ack(entries, 0)
+    async def _dead_letter(self, records: list[Any], reason: str) -> None:
+        for rec in records:
+            payload = rec if isinstance(rec, bytes) else orjson.dumps(rec, default=str)
+            await self.redis.xadd(
+                dead_key(self.config.prefix),
+                {"record": payload, "reason": reason},
+                maxlen=10_000,
+                approximate=True,
+            )
 
     def _outage(self, what: str, e: BaseException) -> None:
         if self._failures == 0:
@@ -232,6 +245,24 @@ async def prune_consumers(redis: Redis, prefix: str, idle_s: float = 3600.0) -> 
             await redis.xgroup_delconsumer(stream_key(prefix), GROUP, name)
             pruned += 1
     return pruned
+
+
+def _decode(entries: list[Entry]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The records of the entries, and the raw entries that are not batches of records."""
+    records: list[dict[str, Any]] = []
+    unreadable: list[bytes] = []
+    for _, fields in entries:
+        raw = fields.get(b"records", b"")
+        try:
+            batch = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            unreadable.append(raw)
+            continue
+        if not isinstance(batch, list):
+            unreadable.append(raw)
+            continue
+        records.extend(batch)
+    return records, unreadable
 
 
 def _is_outage(e: SQLAlchemyError | OSError) -> bool:
@@ -267,6 +298,7 @@ async def consolidation_status(redis: Redis, prefix: str) -> dict[str, Any]:
     last = float(raw["last_batch_at"]) if "last_batch_at" in raw else None
     return {
         "queue_length": int(length),
+        "trimmed": int(raw.get("trimmed", 0)),
         "pending": pending,
         "processed": int(raw.get("processed", 0)),
         "batches": int(raw.get("batches", 0)),

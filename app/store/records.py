@@ -137,6 +137,11 @@ class Recorder:
         # The lock waits for a flush the cancel interrupted (it is shielded), then drains.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), drain_timeout_s)
+        if self._buffer:
+            # Redis is down as we stop: these records have nowhere to go.
+            self._count_drops(len(self._buffer))
+            log.error("stopping with %d request records unshipped: lost", len(self._buffer))
+            self._buffer.clear()
 
     async def flush(self) -> bool:
         """Ship everything buffered; False (records kept) when Redis fails."""
@@ -172,6 +177,10 @@ class Recorder:
         backoff = self._interval_s
         while True:
             await asyncio.sleep(backoff)
-            # Shielded: stopping must not drop a batch already taken from the buffer.
-            shipped = await asyncio.shield(self.flush())
+            try:
+                # Shielded: stopping must not drop a batch already taken from the buffer.
+                shipped = await asyncio.shield(self.flush())
+            except Exception:  # a bug must not end shipping for good: log, back off
+                log.exception("shipping request records failed")
+                shipped = False
             backoff = self._interval_s if shipped else min(backoff * 2, 5.0)

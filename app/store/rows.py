@@ -43,38 +43,53 @@ class Rows:
 
 
 def _clip(name: str, value: Any) -> Any:
-    """Strings cut to their column's length: a long model name must not sink a batch."""
+    """Strings cut to their column's length (a long model name must not sink a batch),
+    without NUL characters (PostgreSQL text cannot hold them)."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\x00", "")
     length = getattr(_COLUMNS[name].type, "length", None)
-    if isinstance(value, str) and length is not None and len(value) > length:
-        return value[:length]
-    return value
+    return value[:length] if length is not None else value
 
 
-def rows_of(records: list[dict[str, Any]]) -> Rows:
+def rows_of(records: list[Any]) -> tuple[Rows, list[Any]]:
+    """The rows of the records, and the records that cannot be rows (no id, no time)."""
     out = Rows()
+    refused: list[Any] = []
     seen: set[str] = set()
     for rec in records:
-        row: dict[str, Any] = dict(_DEFAULTS)
-        extra = dict(rec.get("extra") or {})
-        for name, value in rec.items():
-            column = _RENAMED.get(name, name)
-            if column in ("started_at", "bodies", "extra"):
-                continue
-            if column in _COLUMNS:
-                row[column] = _clip(column, value)
-            else:
-                extra[name] = value  # a field newer than this schema: kept, not lost
-        created = datetime.fromtimestamp(float(rec["started_at"]), UTC)
-        row["created_at"] = created
-        row["extra"] = extra or None
+        try:
+            row, created = _row(rec)
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
+            refused.append(rec)
+            continue
         if row["id"] in seen:
             continue  # a duplicate inside one batch would fail the insert
         seen.add(row["id"])
         out.requests.append(row)
         bodies = rec.get("bodies")
-        if bodies:
+        if isinstance(bodies, dict) and bodies:
             out.bodies.append(_body_row(row, bodies, created))
-    return out
+    return out, refused
+
+
+def _row(rec: dict[str, Any]) -> tuple[dict[str, Any], datetime]:
+    row: dict[str, Any] = dict(_DEFAULTS)
+    extra = dict(rec.get("extra") or {})
+    for name, value in rec.items():
+        column = _RENAMED.get(name, name)
+        if column in ("started_at", "bodies", "extra"):
+            continue
+        if column in _COLUMNS:
+            row[column] = _clip(column, value)
+        else:
+            extra[name] = value  # a field newer than this schema: kept, not lost
+    if not isinstance(row["id"], str) or not row["id"]:
+        raise ValueError("a record without a request id")
+    created = datetime.fromtimestamp(float(rec["started_at"]), UTC)
+    row["created_at"] = created
+    row["extra"] = extra or None
+    return row, created
 
 
 def _body_row(row: dict[str, Any], bodies: dict[str, Any], created: datetime) -> dict[str, Any]:
@@ -92,16 +107,13 @@ def _body_row(row: dict[str, Any], bodies: dict[str, Any], created: datetime) ->
     }
 
 
-async def insert_rows(engine: AsyncEngine, rows: Rows) -> int:
-    """Insert in one transaction, skipping ids already there; the requests inserted."""
+async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
+    """Insert in one transaction, skipping ids already there (a replayed batch)."""
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    inserted = 0
     async with engine.begin() as conn:
         if rows.requests:
             stmt = insert(REQUESTS).on_conflict_do_nothing(index_elements=["id"])
-            result = await conn.execute(stmt, rows.requests)
-            inserted = max(0, result.rowcount or 0)
+            await conn.execute(stmt, rows.requests)
         if rows.bodies:
             stmt = insert(BODIES).on_conflict_do_nothing(index_elements=["request_id"])
             await conn.execute(stmt, rows.bodies)
-    return inserted

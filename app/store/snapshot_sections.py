@@ -157,10 +157,14 @@ class KeysSection:
 
     name: str
     pattern: str
+    # Whether its keys prove Redis still holds the learned state. Not for state gateways
+    # write back within seconds of a Redis restart (breaker cooldowns, cache hits):
+    # those would hide that the learned state is gone and stop the warm-up.
+    learned: bool = True
 
     @property
     def probes(self) -> tuple[str, ...]:
-        return (self.pattern,)
+        return (self.pattern,) if self.learned else ()
 
     async def dump(self, redis: Redis, ctx: DumpContext) -> list[dict[str, Any]]:
         keys = await _keys(redis, ctx.prefix, self.pattern)
@@ -240,7 +244,7 @@ class CacheSection:
 
     @property
     def probes(self) -> tuple[str, ...]:
-        return (CACHE_HOT,)
+        return ()  # gateways rewrite the hot-key set within seconds: no proof of anything
 
     async def dump(self, redis: Redis, ctx: DumpContext) -> list[dict[str, Any]]:
         if ctx.cache_entries <= 0:
@@ -297,7 +301,7 @@ class CacheSection:
 # section of its own for part of that state should narrow this one's pattern.
 SECTIONS: tuple[Section, ...] = (
     KeysSection("routing_weights", "weights:*"),
-    KeysSection("breakers", "breakers"),
+    KeysSection("breakers", "breakers", learned=False),
     KeysSection("cycle", "cycle:*"),
     CacheSection(),
 )

@@ -200,3 +200,55 @@ async def test_bodies_are_redacted_and_expire_on_their_own(
     lifetime = body.expires_at - body.created_at
     assert lifetime.total_seconds() == pytest.approx(3600, abs=1)
     await redis.delete(stream_key(prefix), prefix + "consolidation")
+
+
+async def test_redis_losing_the_group_does_not_stop_consolidation(
+    redis: Redis, engine: AsyncEngine, prefix: str
+) -> None:
+    c = consolidator(redis, engine, prefix, "w", block_s=0.05)
+    await c.ensure_group()
+    await redis.delete(stream_key(prefix))  # Redis restarted empty, say
+    ids = [f"chatcmpl-{uuid.uuid4().hex}" for _ in range(5)]
+    await ship(redis, prefix, [record(i) for i in ids])  # a new stream, no group
+    assert await c.step() == 0  # notices, makes the group again
+    assert await drain(c) == 5
+    assert await count_rows(engine, ids) == 5
+    await redis.delete(stream_key(prefix), prefix + "consolidation")
+
+
+async def test_bad_records_are_set_aside_alone(
+    redis: Redis, engine: AsyncEngine, prefix: str
+) -> None:
+    good = [f"chatcmpl-{uuid.uuid4().hex}" for _ in range(4)]
+    nul = f"chatcmpl-{uuid.uuid4().hex}"
+    await ship(redis, prefix, [record(i) for i in good] + [record(nul, variant="a\x00b")])
+    # A record with no time and a non-record, from a foreign or broken writer.
+    await redis.xadd(stream_key(prefix), {"records": orjson.dumps([{"request_id": "x"}, 7])})
+    await redis.xadd(stream_key(prefix), {"records": b"not json"})
+    c = consolidator(redis, engine, prefix, "w", block_s=0.05)
+    await c.ensure_group()
+    await drain(c)
+    assert await count_rows(engine, [*good, nul]) == 5  # NUL stripped, not a refusal
+    dead = await redis.xrange(prefix + "requests:dead")
+    assert len(dead) == 3
+    kept = [f[b"record"] for _, f in dead]
+    assert b"not json" in kept  # kept whole, as it came
+    assert b"7" in kept
+    assert orjson.dumps({"request_id": "x"}) in kept
+    status = await consolidation_status(redis, prefix)
+    assert (status["queue_length"], status["pending"], status["dead_letters"]) == (0, 0, 3)
+    await redis.delete(stream_key(prefix), prefix + "consolidation", prefix + "requests:dead")
+
+
+async def test_entries_trimmed_while_pending_are_counted(
+    redis: Redis, engine: AsyncEngine, prefix: str
+) -> None:
+    await ship(redis, prefix, [record(f"chatcmpl-{uuid.uuid4().hex}")])
+    c = consolidator(redis, engine, prefix, "w", block_s=0.05)
+    await c.ensure_group()
+    taken = await redis.xreadgroup(GROUP, "w", {stream_key(prefix): ">"}, count=1)
+    await redis.xdel(stream_key(prefix), taken[0][1][0][0])  # what MAXLEN trimming does
+    assert await drain(c) == 0
+    status = await consolidation_status(redis, prefix)
+    assert (status["trimmed"], status["pending"]) == (1, 0)
+    await redis.delete(stream_key(prefix), prefix + "consolidation")

@@ -185,5 +185,10 @@ def test_section_keys_match_their_owners() -> None:
     l2 = L2Cache(Redis(), prefix="p:", timeout_s=0.1)  # no I/O: the client connects lazily
     assert l2.hot_key == "p:" + CACHE_HOT
     breakers = next(s for s in SECTIONS if s.name == "breakers")
-    assert ["p:" + p for p in breakers.probes] == [breakers_key("p:")]
+    assert isinstance(breakers, KeysSection)
+    assert "p:" + breakers.pattern == breakers_key("p:")
+    # Gateways rewrite these within seconds of a Redis restart: no proof of learned state.
+    assert breakers.probes == ()
+    assert next(s for s in SECTIONS if s.name == "cache").probes == ()
+    assert next(s for s in SECTIONS if s.name == "routing_weights").probes == ("weights:*",)
     assert {s.name for s in SECTIONS} >= {"routing_weights", "breakers", "cycle", "cache"}

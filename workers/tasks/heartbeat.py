@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from arq import cron
 from sqlalchemy import insert, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,6 +18,7 @@ from app.store.schema import WorkerHeartbeat
 from workers.context import get_context
 
 log = logging.getLogger("flywheel.worker")
+TASK_KEY = "heartbeat"
 
 
 async def heartbeat(ctx: dict[str, Any]) -> int:
@@ -58,9 +60,28 @@ async def _store(engine: Any, worker_id: str, started_at: float, beats: int) -> 
             )
 
 
+async def _beat_forever(ctx: dict[str, Any]) -> None:
+    while True:
+        try:
+            await heartbeat(ctx)
+        except Exception:  # Redis away: the beat is missed and shows as such; keep going
+            log.warning("heartbeat not written", exc_info=True)
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    # Every worker beats for itself (a cron job would run on one worker per tick, and
+    # the others would look dead in /health/detailed).
+    ctx[TASK_KEY] = asyncio.create_task(_beat_forever(ctx), name="flywheel-heartbeat")
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    task = ctx.pop(TASK_KEY, None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 FUNCTIONS = [heartbeat]
-CRONS = [
-    # One beat per interval across the fleet: it proves the queue is being worked, and
-    # names the worker that ran it.
-    cron(heartbeat, second=set(range(0, 60, HEARTBEAT_INTERVAL_S)), run_at_startup=True),
-]
+CRONS: list[Any] = []
