@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 import orjson
@@ -41,6 +42,10 @@ def stream_key(prefix: str) -> str:
 
 def stats_key(prefix: str) -> str:
     return prefix + "consolidation"
+
+
+def late_key(prefix: str) -> str:
+    return prefix + "metrics:late"
 
 
 def dead_key(prefix: str) -> str:
@@ -132,7 +137,8 @@ class Consolidator:
                 self._own_pending = True  # retried from the pending list, in order
                 return -1
             await self._one_by_one(rows, records)
-        await self._ack(entries, len(rows.requests))
+        oldest = min((r["created_at"] for r in rows.requests), default=None)
+        await self._ack(entries, len(rows.requests), oldest)
         self._recovered()
         return len(rows.requests)
 
@@ -186,11 +192,15 @@ class Consolidator:
             log.info("claimed %d request stream entries left by another worker", len(entries))
         return [(eid, fields) for eid, fields in entries if fields]
 
-    async def _ack(self, entries: list[Entry], records: int) -> None:
+    async def _ack(self, entries: list[Entry], records: int, oldest: datetime | None) -> None:
         ids = [eid for eid, _ in entries]
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.stream, GROUP, *ids)
         pipe.xdel(self.stream, *ids)
+        if oldest is not None:
+            # The oldest request time written since the metrics job last looked: it
+            # re-aggregates from there, so rows that land late (after an outage) count.
+            pipe.zadd(late_key(self.config.prefix), {"oldest": oldest.timestamp()}, lt=True)
         pipe.hincrby(stats_key(self.config.prefix), "processed", records)
         pipe.hincrby(stats_key(self.config.prefix), "batches", 1)
         pipe.hset(stats_key(self.config.prefix), "last_batch_at", str(time.time()))

@@ -82,19 +82,23 @@ def plan_buckets(
     history_points: int,
     last_point: datetime | None,
     first_request: datetime | None,
+    late: datetime | None = None,
 ) -> list[datetime]:
     """The buckets a run (re)aggregates, oldest first.
 
     The open bucket and those closed within the consolidation lag always; since the last
     all-traffic point (or, on the first run, the first request) when the job was down;
-    never older than the history kept.
+    since the oldest request the consolidation wrote after the last run (`late`: rows
+    that reached the database after their bucket was aggregated); never older than the
+    history kept.
     """
     step = timedelta(seconds=interval_s)
     current = align(now, interval_s)
     start = align(now - timedelta(seconds=interval_s + CONSOLIDATION_LAG_S), interval_s)
     anchor = last_point if last_point is not None else first_request
-    if anchor is not None:
-        start = min(start, align(anchor, interval_s))
+    for mark in (anchor, late):
+        if mark is not None:
+            start = min(start, align(mark, interval_s))
     start = max(start, window_start(now, interval_s, history_points))
     count = int((current - start) / step) + 1
     return [start + i * step for i in range(count)]
@@ -296,7 +300,12 @@ async def replace_bucket(
 
 
 async def persist(
-    engine: AsyncEngine, *, now: datetime, interval_s: int, history_points: int
+    engine: AsyncEngine,
+    *,
+    now: datetime,
+    interval_s: int,
+    history_points: int,
+    late: datetime | None = None,
 ) -> dict[str, Any]:
     """(Re)aggregate the buckets `plan_buckets` names, then prune; what it did, for the job."""
     async with engine.connect() as conn:
@@ -317,6 +326,7 @@ async def persist(
         history_points,
         None if last is None else as_utc(last),
         None if first is None else as_utc(first),
+        late,
     )
     requests = 0
     for bucket in buckets:

@@ -18,6 +18,7 @@ from app.store.consolidation import (
     Consolidator,
     ConsolidatorConfig,
     consolidation_status,
+    late_key,
     stream_key,
 )
 from app.store.db import make_engine
@@ -252,3 +253,17 @@ async def test_entries_trimmed_while_pending_are_counted(
     status = await consolidation_status(redis, prefix)
     assert (status["trimmed"], status["pending"]) == (1, 0)
     await redis.delete(stream_key(prefix), prefix + "consolidation")
+
+
+async def test_consolidation_marks_the_oldest_request_it_wrote(
+    redis: Redis, engine: AsyncEngine, prefix: str
+) -> None:
+    old = record(f"chatcmpl-{uuid.uuid4().hex}")
+    old.started_at -= 3600  # held in a gateway through an outage
+    await ship(redis, prefix, [old, record(f"chatcmpl-{uuid.uuid4().hex}")])
+    c = consolidator(redis, engine, prefix, "w", block_s=0.05)
+    await c.ensure_group()
+    assert await drain(c) == 2
+    marked = await redis.zscore(late_key(prefix), "oldest")
+    assert marked == pytest.approx(old.started_at, abs=0.001)
+    await redis.delete(stream_key(prefix), prefix + "consolidation", late_key(prefix))

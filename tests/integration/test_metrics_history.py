@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import normalise_database_url
 from app.store import metrics_history
+from app.store.consolidation import late_key
 from app.store.db import make_engine
 from app.store.jobs import read_jobs
 from app.store.metrics_history import ALL, NONE, persist, prune_points, read_history
@@ -248,4 +249,41 @@ async def test_a_failing_run_is_retried_with_backoff_and_shown(
     finally:
         await shutdown(ctx)
         await redis.delete(prefix + "jobs")
+        await redis.aclose()
+
+
+async def test_rows_landing_long_after_their_bucket_count_from_the_late_mark(
+    engine: AsyncEngine, t0: datetime
+) -> None:
+    await add(engine, [row(t0 + timedelta(seconds=5))])
+    later = t0 + timedelta(seconds=10 * I + 100)
+    await run(engine, later)
+    assert (await points(engine, t0))[ALL, ALL].requests == 1
+    # A backlog drained after an outage: rows of bucket t0 arrive ten buckets later.
+    await add(engine, [row(t0 + timedelta(seconds=7)), row(t0 + timedelta(seconds=9))])
+    await run(engine, later)
+    assert (await points(engine, t0))[ALL, ALL].requests == 1  # not without the mark
+    await persist(
+        engine, now=later, interval_s=I, history_points=HISTORY, late=t0 + timedelta(seconds=7)
+    )
+    assert (await points(engine, t0))[ALL, ALL].requests == 3
+
+
+async def test_a_failed_run_keeps_the_late_mark(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = key_prefix + "metricslate:"
+    monkeypatch.setenv("FLYWHEEL_REDIS_PREFIX", prefix)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://127.0.0.1:1/none")  # down
+    redis = Redis.from_url(redis_url)
+    await redis.zadd(late_key(prefix), {"oldest": 1234.5})
+    ctx: dict[str, Any] = {"redis": redis, "job_try": 1}
+    await startup(ctx)
+    try:
+        with pytest.raises(Retry):
+            await persist_metrics(ctx)
+        assert await redis.zscore(late_key(prefix), "oldest") == 1234.5
+    finally:
+        await shutdown(ctx)
+        await redis.delete(prefix + "jobs", late_key(prefix))
         await redis.aclose()

@@ -73,3 +73,11 @@ def test_request_counter_bounds_the_route_label() -> None:
     }
     assert counter.total == 5
     assert counter.by(1) == {"2xx": 2, "5xx": 1, "4xx": 2}
+
+
+def test_plan_reaches_back_to_rows_that_landed_late() -> None:
+    # The last point is current, but the consolidation wrote rows of bucket 6 since.
+    assert plan_buckets(at(10, 150), I, 288, at(10), None, at(6, 40)) == [
+        at(k) for k in range(6, 11)
+    ]
+    assert plan_buckets(at(10, 150), I, 3, at(10), None, at(0)) == [at(8), at(9), at(10)]

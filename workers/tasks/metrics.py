@@ -19,8 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from arq import cron
+from redis.asyncio import Redis
 
 from app.config import Settings
+from app.store.consolidation import late_key
 from app.store.metrics_history import persist
 from workers.context import get_context
 from workers.tracking import tracked
@@ -44,12 +46,23 @@ def schedule(interval_s: int) -> dict[str, set[int]]:
 async def persist_metrics(ctx: dict[str, Any]) -> dict[str, Any]:
     wctx = get_context(ctx)
     s = wctx.settings
-    return await persist(
-        wctx.engine,
-        now=datetime.now(UTC),
-        interval_s=s.flywheel_metrics_interval_s,
-        history_points=s.flywheel_metrics_history_points,
-    )
+    redis: Redis = ctx["redis"]
+    key = late_key(s.flywheel_redis_prefix)
+    # Taken (atomically) before aggregating: rows written meanwhile mark it anew.
+    popped = await redis.zpopmin(key)
+    late = datetime.fromtimestamp(float(popped[0][1]), UTC) if popped else None
+    try:
+        return await persist(
+            wctx.engine,
+            now=datetime.now(UTC),
+            interval_s=s.flywheel_metrics_interval_s,
+            history_points=s.flywheel_metrics_history_points,
+            late=late,
+        )
+    except BaseException:
+        if late is not None:  # not aggregated after all: the next run must still see it
+            await redis.zadd(key, {"oldest": late.timestamp()}, lt=True)
+        raise
 
 
 FUNCTIONS = [persist_metrics]
