@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from app.store.consolidation import (
 from app.store.db import make_engine
 from app.store.records import Recorder, RequestRecord
 from app.store.schema import RequestBody, RequestRow
+from tests.integration.test_store_and_worker import record as base_record
 
 
 @pytest.fixture
@@ -49,22 +51,8 @@ def prefix(key_prefix: str) -> str:
 
 
 def record(rid: str, **extra: Any) -> RequestRecord:
-    return RequestRecord(
-        request_id=rid,
-        endpoint="chat.completions",
-        route="r",
-        deployment="d",
-        provider="mock",
-        model="m",
-        status=200,
-        stream=False,
-        started_at=time.time(),
-        latency_ms=1.5,
-        prompt_tokens=3,
-        completion_tokens=4,
-        cache="miss",
-        tenant="t1",
-        **extra,
+    return dataclasses.replace(
+        base_record(rid), prompt_tokens=3, completion_tokens=4, cache="miss", tenant="t1", **extra
     )
 
 
