@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api import admin, chat, embeddings, health, metrics, models
+from app.api import admin, chat, embeddings, health, keys, metrics, models
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
 from app.cache.service import make_cache
@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None, routes: RoutesFile | None = Non
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)
     install_error_handlers(app)
-    for module in (chat, embeddings, models, health, admin, metrics):
+    for module in (chat, embeddings, models, health, admin, keys, metrics):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The Alembic head this code was written for; the app refuses to start on another.
 # A test keeps it equal to the head of migrations/versions.
-SCHEMA_REVISION = "0002_requests_metrics"
+SCHEMA_REVISION = "0003_api_keys"
 
 ID = String(64)  # request/completion ids: "chatcmpl-" + 24 hex, with room
 NAME = String(128)  # route, deployment, provider, model and variant names
@@ -171,3 +171,24 @@ class Snapshot(Base):
     checksum: Mapped[str] = mapped_column(String(80))  # "sha256:" + hex
     version: Mapped[int] = mapped_column(Integer)
     counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+
+
+class ApiKey(Base):
+    """A virtual key: only its SHA-256 and a display prefix are kept, never the secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    allowed_routes: Mapped[list[str] | None] = mapped_column(JSON)  # None: every route
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(Integer)
+    budget_usd: Mapped[float | None] = mapped_column(Float)
+    budget_period: Mapped[str | None] = mapped_column(String(8))  # day, week, month, total
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    key_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -43,7 +43,8 @@ async def _upgraded_diff(url: str) -> tuple[list[Any], set[str]]:
 async def test_sqlite_upgrade_matches_models(tmp_path: Path) -> None:
     diff, tables = await _upgraded_diff(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
     assert diff == []
-    assert {"requests", "request_bodies", "feedback", "metrics_points", "snapshots"} <= tables
+    wanted = {"requests", "request_bodies", "feedback", "metrics_points", "snapshots", "api_keys"}
+    assert wanted <= tables
 
 
 async def test_postgres_upgrade_matches_models() -> None:

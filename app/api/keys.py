@@ -1,0 +1,91 @@
+"""Admin endpoints for virtual keys (master key only): create, list, read, update, revoke.
+
+The secret is in the create answer and nowhere else, ever: the database keeps its hash.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.auth.keys import KeyCreate, KeyLimits, KeyStore, key_json
+from app.deps import AdminDep, StateDep
+from app.errors import NotFoundError, ServiceUnavailableError
+from app.store.schema import ApiKey
+
+router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[AdminDep])
+
+KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{24}$")]
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+def _unavailable(e: BaseException) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"keys are unavailable: the database did not answer ({type(e).__name__})",
+        code="database_unavailable",
+    )
+
+
+def _found(row: ApiKey | None, key_id: str) -> ApiKey:
+    if row is None:
+        raise NotFoundError(f"no key {key_id}", param="id", code="key_not_found")
+    return row
+
+
+@router.post("", status_code=201)
+async def create_key(state: StateDep, spec: Annotated[KeyCreate, Body()]) -> dict[str, Any]:
+    try:
+        row, secret = await KeyStore(state.engine).create(spec)
+    except DB_ERRORS as e:
+        raise _unavailable(e) from e
+    return {**key_json(row), "key": secret}
+
+
+@router.get("")
+async def list_keys(
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+) -> dict[str, Any]:
+    try:
+        rows = await KeyStore(state.engine).list(limit=limit, after=after)
+    except DB_ERRORS as e:
+        raise _unavailable(e) from e
+    data = [key_json(r) for r in rows]
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": len(data) == limit,
+        "last_id": data[-1]["id"] if data else None,
+    }
+
+
+@router.get("/{key_id}")
+async def get_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
+    try:
+        row = await KeyStore(state.engine).get(key_id)
+    except DB_ERRORS as e:
+        raise _unavailable(e) from e
+    return key_json(_found(row, key_id))
+
+
+@router.patch("/{key_id}")
+async def update_key(
+    state: StateDep, key_id: KeyId, changes: Annotated[KeyLimits, Body()]
+) -> dict[str, Any]:
+    try:
+        row = await KeyStore(state.engine).update(key_id, changes)
+    except DB_ERRORS as e:
+        raise _unavailable(e) from e
+    return key_json(_found(row, key_id))
+
+
+@router.delete("/{key_id}")
+async def revoke_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
+    try:
+        row = await KeyStore(state.engine).revoke(key_id)
+    except DB_ERRORS as e:
+        raise _unavailable(e) from e
+    return key_json(_found(row, key_id))
