@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     flywheel_cache_redis_max_connections: int = Field(default=64, gt=0)
     flywheel_cache_compress_min_bytes: int = Field(default=1024, ge=0)
     flywheel_cache_lock_wait_s: float = Field(default=10.0, ge=0)
+    # Keys: "required" (no valid key, no answer) or "optional" (no key or an unknown one
+    # is served as anonymous); unset, required outside dev.
+    flywheel_auth: Literal["required", "optional"] | None = None
+    flywheel_key_cache_s: float = Field(default=60.0, gt=0)
+    flywheel_key_miss_cache_s: float = Field(default=5.0, gt=0)
+    flywheel_key_stale_s: float = Field(default=300.0, ge=0)
+    flywheel_key_lookup_timeout_s: float = Field(default=1.0, gt=0)
     # Persistence (workers): the request stream, consolidation, retention.
     flywheel_records_stream_maxlen: int = Field(default=50_000, gt=0)
     flywheel_records_buffer: int = Field(default=50_000, gt=0)
@@ -103,6 +110,7 @@ class Settings(BaseSettings):
         "flywheel_master_key",
         "flywheel_config",
         "flywheel_snapshot_dir",
+        "flywheel_auth",
         "otel_exporter_otlp_endpoint",
         "langsmith_api_key",
         "langsmith_project",
@@ -128,6 +136,12 @@ class Settings(BaseSettings):
         if self.database_url is None:
             return f"sqlite+aiosqlite:///{(self.flywheel_var_dir / 'flywheel.db').as_posix()}"
         return normalise_database_url(self.database_url.get_secret_value())
+
+    @property
+    def auth_required(self) -> bool:
+        if self.flywheel_auth is not None:
+            return self.flywheel_auth == "required"
+        return self.flywheel_env != "dev"
 
     @property
     def snapshot_dir(self) -> Path:

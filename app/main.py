@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api import admin, chat, embeddings, health, keys, metrics, models
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
+from app.auth.resolver import KeyService
 from app.cache.service import make_cache
 from app.config import Settings
 from app.errors import install_error_handlers
@@ -81,6 +82,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if gateway_metrics.multiproc_dir
         else None
     )
+    key_service = KeyService(settings, redis, engine)
+    key_service.start()
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,
@@ -94,6 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started_at=time.time(),
         metrics=gateway_metrics,
         cache=cache,
+        keys=key_service.resolver,
         jobs=make_job_queue(settings),
     )
     # Not only for adaptive routes: the same tick shares breaker cooldowns (one round
@@ -122,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await key_service.stop()
         await cache.stop()
         await recorder.stop()
         gateway_metrics.close()  # after the last record is counted

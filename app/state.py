@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import ConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.auth.resolver import KeyResolver
 from app.cache.service import ResponseCache
 from app.config import Settings
 from app.providers.registry import ProviderRegistry
@@ -33,6 +34,7 @@ class AppState:
     started_at: float
     metrics: CollectorRegistry
     cache: ResponseCache
+    keys: KeyResolver
     # The arq queue admin endpoints enqueue worker jobs on, by name (app never imports
     # workers); None without Redis.
     jobs: ArqRedis | None = None

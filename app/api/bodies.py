@@ -8,28 +8,28 @@ they leave the process, and the workers store them with their own retention.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
+from app.api.auth import Caller
 from app.api.exchange import Exchange
 from app.api.streaming import StreamSink
 from app.cache.answer import StreamAssembler
-from app.cache.keys import tenant_of
 from app.state import AppState
 
 DAY_S = 86400.0
 log = logging.getLogger("flywheel.records")
 
 
-def note_route(
-    state: AppState, exchange: Exchange, route: str, body: Any, headers: Mapping[str, str]
-) -> None:
-    """The exchange's route (only one the routes file has: the model a client sent is
-    not a route until resolved), tenant, and bodies if the route stores them."""
-    exchange.tenant = tenant_of(headers.get("authorization"))
+def note_route(state: AppState, exchange: Exchange, caller: Caller, route: str, body: Any) -> None:
+    """The exchange's caller and route (only one the routes file has: the model a client
+    sent is not a route until resolved), and its bodies if the route stores them.
+    Raises 403 when the caller's key may not use the route."""
+    exchange.tenant = caller.tenant
+    exchange.key_id = caller.key.id if caller.key is not None else None
     config = state.router.routes.get(route)
     if config is None:
         return
+    caller.check_route(route)
     exchange.route = route
     if config.bodies is not None and config.bodies.store:
         days = config.bodies.retention_days or state.settings.flywheel_body_retention_days

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.auth import authenticate
 from app.api.bodies import keep_response, note_route, stream_sink
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
@@ -46,11 +47,12 @@ async def handle(
     flight: Flight | None = None
     result: JSON | None = None
     try:
+        caller = await authenticate(state, headers)
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         early = cached.early_route(state, body)
         if early is not None:
-            note_route(state, exchange, early, body, headers)
+            note_route(state, exchange, caller, early, body)
             cache_plan = cached.plan(state, "chat", early, body, headers)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
@@ -60,7 +62,7 @@ async def handle(
         chat = validate(CHAT_REQUEST, body)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
-        note_route(state, exchange, route, body, headers)
+        note_route(state, exchange, caller, route, body)
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)

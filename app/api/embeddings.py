@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.auth import authenticate
 from app.api.bodies import embeddings_summary, keep_response, note_route
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import embed_call
@@ -36,6 +37,7 @@ async def handle(
     flight: Flight | None = None
     result: JSON | None = None
     try:
+        caller = await authenticate(state, headers)
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
@@ -44,7 +46,7 @@ async def handle(
                 "input must not be empty", param="input", code="invalid_value"
             )
         deadline, client_set = request_deadline(state, req.model, headers)
-        note_route(state, exchange, req.model, body, headers)
+        note_route(state, exchange, caller, req.model, body)
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
         if cache_plan is not None and cache_plan.read:
             found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)

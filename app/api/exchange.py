@@ -24,6 +24,7 @@ class Exchange:
     route: str | None = None
     cache: str = "bypass"  # hit-l1, hit-l2, miss or bypass
     tenant: str | None = None
+    key_id: str | None = None
     variant: str | None = None
     # Set only when the route stores bodies (`bodies: {store: true}`); else never kept.
     body_retention_s: float | None = None
@@ -91,6 +92,7 @@ class Exchange:
                 attempts=self.attempts,
                 cache=self.cache,
                 tenant=self.tenant,
+                key_id=self.key_id,
                 variant=self.variant,
                 error_type=error_type,
                 bodies=self._bodies(),

@@ -5,16 +5,20 @@ The secret is in the create answer and nowhere else, ever: the database keeps it
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.auth.keys import KeyCreate, KeyLimits, KeyStore, key_json
 from app.deps import AdminDep, StateDep
 from app.errors import NotFoundError, ServiceUnavailableError
+from app.state import AppState
 from app.store.schema import ApiKey
 
+log = logging.getLogger("flywheel.auth")
 router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[AdminDep])
 
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{24}$")]
@@ -79,7 +83,9 @@ async def update_key(
         row = await KeyStore(state.engine).update(key_id, changes)
     except DB_ERRORS as e:
         raise _unavailable(e) from e
-    return key_json(_found(row, key_id))
+    found = _found(row, key_id)
+    await _announce(state, found)
+    return key_json(found)
 
 
 @router.delete("/{key_id}")
@@ -88,4 +94,20 @@ async def revoke_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
         row = await KeyStore(state.engine).revoke(key_id)
     except DB_ERRORS as e:
         raise _unavailable(e) from e
-    return key_json(_found(row, key_id))
+    found = _found(row, key_id)
+    await _announce(state, found)
+    return key_json(found)
+
+
+async def _announce(state: AppState, row: ApiKey) -> None:
+    """Every replica drops what it knew of the key; the change is already stored, so a
+    Redis that is down only delays it to the replicas' cache expiry (logged)."""
+    try:
+        await state.keys.announce(row.key_hash)
+    except (RedisError, OSError) as e:
+        state.keys.forget(row.key_hash)
+        log.warning(
+            "key change not announced (%s): other replicas see it within %.0f s",
+            type(e).__name__,
+            state.settings.flywheel_key_cache_s,
+        )

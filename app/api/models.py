@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 
+from app.api.auth import Caller, authenticate
 from app.deps import StateDep
 
 router = APIRouter()
+
+
+async def _caller(request: Request, state: StateDep) -> Caller:
+    return await authenticate(state, request.headers)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 def _model(name: str, created: int) -> dict[str, Any]:
@@ -16,12 +24,15 @@ def _model(name: str, created: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models", tags=["openai"])
-async def list_models(state: StateDep) -> dict[str, Any]:
+async def list_models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
+    """The routes this caller may use."""
     created = int(state.started_at)
-    return {"object": "list", "data": [_model(n, created) for n in state.router.names]}
+    names = [n for n in state.router.names if caller.key is None or caller.key.allows(n)]
+    return {"object": "list", "data": [_model(n, created) for n in names]}
 
 
 @router.get("/v1/models/{model_id:path}", tags=["openai"])
-async def get_model(model_id: str, state: StateDep) -> dict[str, Any]:
+async def get_model(model_id: str, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     state.router.route(model_id)  # raises model_not_found
+    caller.check_route(model_id)
     return _model(model_id, int(state.started_at))

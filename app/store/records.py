@@ -62,6 +62,7 @@ class RequestRecord:
     attempts: int = 1
     cache: str = "bypass"  # the cache tier that answered: hit-l1, hit-l2, miss, bypass
     tenant: str | None = None
+    key_id: str | None = None
     variant: str | None = None
     trace_id: str | None = None
     error_type: str | None = None
