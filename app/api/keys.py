@@ -44,6 +44,7 @@ async def create_key(state: StateDep, spec: Annotated[KeyCreate, Body()]) -> dic
         row, secret = await KeyStore(state.engine).create(spec)
     except DB_ERRORS as e:
         raise _unavailable(e) from e
+    await _announce(state, row)  # a replica that cached "no such key" learns it now
     return {**key_json(row), "key": secret}
 
 

@@ -73,6 +73,13 @@ class KeyInfo:
         return self.allowed_routes is None or route in self.allowed_routes
 
 
+def _quietly(done: asyncio.Future[KeyInfo | None]) -> None:
+    """A background refresh that failed: the entry it would have replaced stays (until
+    `stale_s`); the failure is only worth a debug line."""
+    if not done.cancelled() and done.exception() is not None:
+        log.debug("key refresh failed: %r", done.exception())
+
+
 def _encode(info: KeyInfo | None) -> bytes:
     return b"null" if info is None else orjson.dumps(asdict(info))
 
@@ -111,6 +118,7 @@ class KeyResolver:
         self._stale_s = stale_s
         self._timeout_s = timeout_s
         self._local: dict[str, _Entry] = {}
+        self._pending: dict[str, asyncio.Future[KeyInfo | None]] = {}
         self.channel = prefix + "keys:changed"
 
     def _redis_key(self, key_hash: str) -> str:
@@ -118,22 +126,44 @@ class KeyResolver:
 
     async def resolve(self, secret: str) -> KeyInfo | None:
         """The key's info (None: no such key). Raises KeyLookupUnavailable when that
-        cannot be known right now."""
+        cannot be known right now.
+
+        Only a key never seen (or forgotten: changed, or unverified for `stale_s`) waits
+        for a lookup, and concurrent requests for it share one. An expired entry is
+        answered from and refreshed in the background: under load, every in-flight
+        request would otherwise miss at the same moment and queue on the database.
+        """
         key_hash = hash_key(secret)
         entry = self._local.get(key_hash)
-        now = time.monotonic()
         if entry is not None:
-            ttl = self._cache_s if entry.info is not None else self._miss_cache_s
-            if now - entry.fetched < ttl:
+            age = time.monotonic() - entry.fetched
+            if age < (self._cache_s if entry.info is not None else self._miss_cache_s):
+                return entry.info
+            if age < self._stale_s:
+                self._refresh(key_hash)
                 return entry.info
         try:
-            async with asyncio.timeout(self._timeout_s):
-                info = await self._fetch(key_hash)
+            return await asyncio.shield(self._lookup(key_hash))
         except (TimeoutError, SQLAlchemyError, OSError) as e:
-            if entry is not None and entry.info is not None and now - entry.fetched < self._stale_s:
-                return entry.info  # known before: keeps working while the database is away
             log.warning("key lookup failed: %s", type(e).__name__)
             raise KeyLookupUnavailable(type(e).__name__) from e
+
+    def _lookup(self, key_hash: str) -> asyncio.Future[KeyInfo | None]:
+        """The lookup of `key_hash` in flight, started if there is none."""
+        pending = self._pending.get(key_hash)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key_hash))
+            self._pending[key_hash] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(key_hash, None))
+        return pending
+
+    def _refresh(self, key_hash: str) -> None:
+        if key_hash not in self._pending:
+            self._lookup(key_hash).add_done_callback(_quietly)
+
+    async def _load(self, key_hash: str) -> KeyInfo | None:
+        async with asyncio.timeout(self._timeout_s):
+            info = await self._fetch(key_hash)
         self._remember(key_hash, info)
         return info
 
