@@ -22,11 +22,14 @@ import pytest
 import redis as sync_redis
 import uvicorn
 from fastapi import FastAPI
+from redis.asyncio import Redis as AsyncRedis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cli import migrate
-from app.config import Settings
+from app.config import Settings, normalise_database_url
 from app.main import create_app
 from app.routing.config import RoutesFile, parse_routes
+from app.store.db import make_engine
 from tests.fakes.openai_fake import openai_fake
 from tests.fakes.server import FakeServer
 
@@ -110,6 +113,22 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"sqlite+aiosqlite:///{path}"
     migrate(url)
     yield url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the session's database, disposed after the test."""
+    engine = make_engine(normalise_database_url(database_url))
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    """A client of the session's Redis, closed after the test (keys are the test's to clean)."""
+    client = AsyncRedis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="session")

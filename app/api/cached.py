@@ -24,7 +24,7 @@ from app.api.routing import seconds_header
 from app.api.streaming import DONE, sse
 from app.cache.answer import StreamAssembler, is_cacheable, replay_chunks
 from app.cache.entry import Cached
-from app.cache.keys import cache_key, tenant_of
+from app.cache.keys import cache_key
 from app.cache.service import Flight, Joined, ResponseCache
 from app.state import AppState
 
@@ -75,9 +75,15 @@ def wants_usage(body: dict[str, Any]) -> bool:
 
 
 def plan(
-    state: AppState, kind: str, route: str, body: dict[str, Any], headers: Mapping[str, str]
+    state: AppState,
+    kind: str,
+    route: str,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    tenant: str,
 ) -> CachePlan | None:
-    """What the cache may do for this request; None when it may do nothing."""
+    """What the cache may do for this request (answers never cross `tenant`s); None
+    when it may do nothing."""
     settings = state.settings
     config = state.router.route(route).cache
     mode = config.mode if config is not None else settings.flywheel_cache_mode
@@ -101,7 +107,7 @@ def plan(
         kind,
         route,
         body,
-        tenant=tenant_of(headers.get("authorization")),
+        tenant=tenant,
     )
     truncated = config.store_truncated if config is not None else False
     n = body.get("n")

@@ -53,7 +53,7 @@ async def handle(
         early = cached.early_route(state, body)
         if early is not None:
             note_route(state, exchange, caller, early, body)
-            cache_plan = cached.plan(state, "chat", early, body, headers)
+            cache_plan = cached.plan(state, "chat", early, body, headers, caller.tenant)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
                 if hit is not None:
@@ -67,7 +67,7 @@ async def handle(
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
         if early is None:
-            cache_plan = cached.plan(state, "chat", route, body, headers)
+            cache_plan = cached.plan(state, "chat", route, body, headers, caller.tenant)
         if cache_plan is not None and cache_plan.read:
             found = await cached.look_up(
                 state, cache_plan, exchange, deadline, l1_checked=early is not None

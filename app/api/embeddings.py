@@ -47,7 +47,7 @@ async def handle(
             )
         deadline, client_set = request_deadline(state, req.model, headers)
         note_route(state, exchange, caller, req.model, body)
-        cache_plan = cached.plan(state, "embeddings", req.model, body, headers)
+        cache_plan = cached.plan(state, "embeddings", req.model, body, headers, caller.tenant)
         if cache_plan is not None and cache_plan.read:
             found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)
             if found.cached is not None and found.tier is not None:

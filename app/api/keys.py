@@ -5,31 +5,37 @@ The secret is in the create answer and nowhere else, ever: the database keeps it
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
-from app.auth.keys import KeyCreate, KeyLimits, KeyStore, key_json
+from app.auth.keys import KeyCreate, KeyLimits, key_json
 from app.deps import AdminDep, StateDep
 from app.errors import NotFoundError, ServiceUnavailableError
 from app.state import AppState
+from app.store.db import DB_ERRORS
 from app.store.schema import ApiKey
 
 log = logging.getLogger("flywheel.auth")
 router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[AdminDep])
 
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{24}$")]
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
-def _unavailable(e: BaseException) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
-        f"keys are unavailable: the database did not answer ({type(e).__name__})",
-        code="database_unavailable",
-    )
+@contextlib.asynccontextmanager
+async def _database() -> AsyncIterator[None]:
+    """A database that does not answer is a 503, not a 500."""
+    try:
+        yield
+    except DB_ERRORS as e:
+        raise ServiceUnavailableError(
+            f"keys are unavailable: the database did not answer ({type(e).__name__})",
+            code="database_unavailable",
+        ) from e
 
 
 def _found(row: ApiKey | None, key_id: str) -> ApiKey:
@@ -40,10 +46,8 @@ def _found(row: ApiKey | None, key_id: str) -> ApiKey:
 
 @router.post("", status_code=201)
 async def create_key(state: StateDep, spec: Annotated[KeyCreate, Body()]) -> dict[str, Any]:
-    try:
-        row, secret = await KeyStore(state.engine).create(spec)
-    except DB_ERRORS as e:
-        raise _unavailable(e) from e
+    async with _database():
+        row, secret = await state.keys.store.create(spec)
     await _announce(state, row)  # a replica that cached "no such key" learns it now
     return {**key_json(row), "key": secret}
 
@@ -54,10 +58,8 @@ async def list_keys(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
 ) -> dict[str, Any]:
-    try:
-        rows = await KeyStore(state.engine).list(limit=limit, after=after)
-    except DB_ERRORS as e:
-        raise _unavailable(e) from e
+    async with _database():
+        rows = await state.keys.store.list(limit=limit, after=after)
     data = [key_json(r) for r in rows]
     return {
         "object": "list",
@@ -69,10 +71,8 @@ async def list_keys(
 
 @router.get("/{key_id}")
 async def get_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
-    try:
-        row = await KeyStore(state.engine).get(key_id)
-    except DB_ERRORS as e:
-        raise _unavailable(e) from e
+    async with _database():
+        row = await state.keys.store.get(key_id)
     return key_json(_found(row, key_id))
 
 
@@ -80,10 +80,8 @@ async def get_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
 async def update_key(
     state: StateDep, key_id: KeyId, changes: Annotated[KeyLimits, Body()]
 ) -> dict[str, Any]:
-    try:
-        row = await KeyStore(state.engine).update(key_id, changes)
-    except DB_ERRORS as e:
-        raise _unavailable(e) from e
+    async with _database():
+        row = await state.keys.store.update(key_id, changes)
     found = _found(row, key_id)
     await _announce(state, found)
     return key_json(found)
@@ -91,10 +89,8 @@ async def update_key(
 
 @router.delete("/{key_id}")
 async def revoke_key(state: StateDep, key_id: KeyId) -> dict[str, Any]:
-    try:
-        row = await KeyStore(state.engine).revoke(key_id)
-    except DB_ERRORS as e:
-        raise _unavailable(e) from e
+    async with _database():
+        row = await state.keys.store.revoke(key_id)
     found = _found(row, key_id)
     await _announce(state, found)
     return key_json(found)

@@ -20,7 +20,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 
 from app.deps import StateDep
 from app.errors import ServiceUnavailableError
@@ -28,6 +27,7 @@ from app.observability.metrics import GatewayMetrics
 from app.observability.queue_metrics import consolidation_exposition
 from app.state import AppState
 from app.store.consolidation import consolidation_status
+from app.store.db import DB_ERRORS
 from app.store.metrics_history import latest_total, read_history
 
 router = APIRouter(tags=["metrics"])
@@ -35,7 +35,6 @@ router = APIRouter(tags=["metrics"])
 HISTORY_TIMEOUT_S = 3.0
 SUMMARY_DB_TIMEOUT_S = 1.0
 QUEUE_TIMEOUT_S = 0.5
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
 @router.get("/metrics")

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.keys import KeyStore, hash_key
 from app.config import Settings
+from app.store.redis import follow_channel
 from app.store.schema import ApiKey
 
 log = logging.getLogger("flywheel.auth")
@@ -110,7 +111,7 @@ class KeyResolver:
         stale_s: float = 300.0,
         timeout_s: float = 1.0,
     ) -> None:
-        self._store = store
+        self.store = store
         self._redis = redis
         self._prefix = prefix
         self._cache_s = cache_s
@@ -171,7 +172,7 @@ class KeyResolver:
         cached = await self._from_redis(key_hash)
         if cached is not None:
             return cached[0]
-        row = await self._store.by_hash(key_hash)
+        row = await self.store.by_hash(key_hash)
         info = None if row is None else KeyInfo.of(row)
         if self._redis is not None:
             ttl = REDIS_TTL_S if info is not None else max(1, int(self._miss_cache_s))
@@ -205,24 +206,18 @@ class KeyResolver:
         await self._redis.publish(self.channel, key_hash)
 
     async def follow(self, subscriber: Redis) -> None:
-        """Apply other replicas' announcements; forever (resubscribes after failures)."""
-        while True:
-            try:
-                async with subscriber.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
-                    # Anything announced while unsubscribed was missed: check every key
-                    # again, keeping what is known for the database-down grace.
-                    stale = time.monotonic() - max(self._cache_s, self._miss_cache_s)
-                    for entry in self._local.values():
-                        entry.fetched = min(entry.fetched, stale)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self.forget(message["data"].decode())
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure: resubscribe after a pause
-                log.debug("key change subscription lost: %s", e)
-                await asyncio.sleep(1.0)
+        """Apply other replicas' announcements; forever."""
+
+        def recheck_all() -> None:
+            # Anything announced while unsubscribed was missed: check every key again,
+            # keeping what is known for the database-down grace.
+            stale = time.monotonic() - max(self._cache_s, self._miss_cache_s)
+            for entry in self._local.values():
+                entry.fetched = min(entry.fetched, stale)
+
+        await follow_channel(
+            subscriber, self.channel, lambda data: self.forget(data.decode()), recheck_all
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {"cached": len(self._local)}

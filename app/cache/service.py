@@ -25,6 +25,7 @@ from app.cache.l1 import L1Cache
 from app.cache.l2 import Down, L2Cache, make_l2_client
 from app.cache.stats import CacheStats
 from app.config import Settings
+from app.store.redis import follow_channel
 
 log = logging.getLogger("flywheel.cache")
 
@@ -313,19 +314,12 @@ class ResponseCache:
 
     async def _follow_purges(self) -> None:
         assert self.l2 is not None
-        while True:
-            try:
-                async with self.l2.subscriber.pubsub() as pubsub:
-                    await pubsub.subscribe(self.l2.purge_channel)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            route = message["data"].decode()
-                            self.l1.purge(None if route == "*" else route)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any failure: resubscribe after a pause
-                log.debug("cache purge subscription lost: %s", e)
-                await asyncio.sleep(1.0)
+
+        def purge(data: bytes) -> None:
+            route = data.decode()
+            self.l1.purge(None if route == "*" else route)
+
+        await follow_channel(self.l2.subscriber, self.l2.purge_channel, purge)
 
     async def stop(self) -> None:
         await self.flush_hot()

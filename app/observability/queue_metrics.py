@@ -13,38 +13,54 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# (metric, kind, help, field of `consolidation_status`)
+_FAMILIES = (
+    (
+        "flywheel_records_queue_length",
+        GaugeMetricFamily,
+        "Request stream entries not yet in the database (each one 50 ms of records)",
+        "queue_length",
+    ),
+    (
+        "flywheel_records_pending",
+        GaugeMetricFamily,
+        "Stream entries read by a worker and not yet committed",
+        "pending",
+    ),
+    (
+        "flywheel_records_lag_seconds",
+        GaugeMetricFamily,
+        "Age of the oldest request record not yet in the database",
+        "lag_s",
+    ),
+    (
+        "flywheel_records_consolidated",
+        CounterMetricFamily,
+        "Request records written to the database by the workers",
+        "processed",
+    ),
+    (
+        "flywheel_records_trimmed",
+        CounterMetricFamily,
+        "Stream entries trimmed (lost) before a worker wrote them",
+        "trimmed",
+    ),
+    (
+        "flywheel_records_dead_letters",
+        GaugeMetricFamily,
+        "Records the database refused as data, set aside for an operator",
+        "dead_letters",
+    ),
+)
+
 
 class _Consolidation(Collector):
     def __init__(self, status: dict[str, Any]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
-        s = self._status
-        yield GaugeMetricFamily(
-            "flywheel_records_queue_length",
-            "Request stream entries not yet in the database (each one 50 ms of records)",
-            value=s["queue_length"],
-        )
-        yield GaugeMetricFamily(
-            "flywheel_records_pending",
-            "Stream entries read by a worker and not yet committed",
-            value=s["pending"],
-        )
-        yield GaugeMetricFamily(
-            "flywheel_records_lag_seconds",
-            "Age of the oldest request record not yet in the database",
-            value=s["lag_s"],
-        )
-        yield CounterMetricFamily(
-            "flywheel_records_consolidated",
-            "Request records written to the database by the workers",
-            value=s["processed"],
-        )
-        yield GaugeMetricFamily(
-            "flywheel_records_dead_letters",
-            "Records the database refused as data, set aside for an operator",
-            value=s["dead_letters"],
-        )
+        for name, family, doc, field in _FAMILIES:
+            yield family(name, doc, value=self._status[field])
 
 
 def consolidation_exposition(status: dict[str, Any]) -> bytes:

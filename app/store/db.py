@@ -14,6 +14,10 @@ from app.store.schema import SCHEMA_REVISION
 log = logging.getLogger("flywheel.store")
 
 
+# What a database that is down, unreachable or too slow raises through SQLAlchemy.
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
 class SchemaMismatchError(RuntimeError):
     """The database is at another migration than this code expects."""
 

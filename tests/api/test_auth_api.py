@@ -103,7 +103,7 @@ async def test_database_down_known_keys_work_unknown_get_503(
     # store now talks to it, and its in-process entry expires at once.
     dead = make_engine("postgresql+asyncpg://127.0.0.1:1/none")
     resolver = a.state.keys
-    resolver._store = KeyStore(dead)
+    resolver.store = KeyStore(dead)
     resolver._cache_s = 0.0
     for secret, want in ((key["key"], 200), ("fw-" + uuid.uuid4().hex, 503)):
         started = time.monotonic()

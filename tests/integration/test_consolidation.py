@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -26,22 +25,6 @@ from app.store.db import make_engine
 from app.store.records import Recorder, RequestRecord
 from app.store.schema import RequestBody, RequestRow
 from tests.integration.test_store_and_worker import record as base_record
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    from app.config import normalise_database_url
-
-    engine = make_engine(normalise_database_url(database_url))
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.keys import KeyCreate, KeyStore, hash_key
 from app.auth.resolver import KeyResolver
-from app.config import normalise_database_url
-from app.store.db import make_engine
 from app.store.schema import ApiKey
 
 
@@ -26,13 +22,6 @@ class CountingStore(KeyStore):
     async def by_hash(self, key_hash: str) -> ApiKey | None:
         self.lookups += 1
         return await super().by_hash(key_hash)
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(normalise_database_url(database_url))
-    yield engine
-    await engine.dispose()
 
 
 async def test_concurrent_requests_share_one_lookup_and_never_wait_for_a_refresh(

@@ -13,20 +13,11 @@ from arq.connections import RedisSettings, create_pool
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import normalise_database_url
-from app.store.db import make_engine
 from app.store.jobs import read_jobs
 from app.store.schema import RequestBody, RequestRow
 from workers.context import shutdown, startup
 from workers.tasks import maintenance
 from workers.tasks.maintenance import prune, prune_retention, vacuum
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(normalise_database_url(database_url))
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -17,10 +17,8 @@ from redis.asyncio import Redis
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import normalise_database_url
 from app.store import metrics_history
 from app.store.consolidation import late_key
-from app.store.db import make_engine
 from app.store.jobs import read_jobs
 from app.store.metrics_history import ALL, NONE, persist, prune_points, read_history
 from app.store.schema import MetricsPoint, RequestRow
@@ -29,13 +27,6 @@ from workers.tasks.metrics import persist_metrics
 
 I = 300  # noqa: E741 - the interval, in seconds
 HISTORY = 288
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(normalise_database_url(database_url))
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

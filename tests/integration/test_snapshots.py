@@ -49,13 +49,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def prefix(key_prefix: str) -> Callable[[], str]:
     """A fresh installation's prefix (under the session's, so its keys are cleaned up)."""
     return lambda: f"{key_prefix}snap{uuid.uuid4().hex[:6]}:"
