@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from limits import parse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -67,6 +68,20 @@ class Settings(BaseSettings):
     flywheel_key_miss_cache_s: float = Field(default=5.0, gt=0)
     flywheel_key_stale_s: float = Field(default=300.0, ge=0)
     flywheel_key_lookup_timeout_s: float = Field(default=1.0, gt=0)
+    # Limits. HTTP-level (slowapi, per process, in memory; "N/second|minute|hour|day"):
+    # per client address, for health and metrics per address, and per key on the /v1
+    # endpoints for keys without an RPM of their own.
+    flywheel_http_limits: bool = True
+    flywheel_http_limit_ip: str = "60000/minute"
+    flywheel_http_limit_health: str = "1000/minute"
+    flywheel_http_limit_chat: str = "100/minute"
+    flywheel_http_limit_embeddings: str = "1000/minute"
+    # Per-key RPM/TPM/budgets live in Redis; without it each replica enforces the limit
+    # divided by this count, or refuses ("closed"; routes may say otherwise).
+    flywheel_replicas: int = Field(default=1, ge=1)
+    flywheel_limits_on_redis_down: Literal["local", "closed"] = "local"
+    # Completion tokens reserved for a request that does not set max_tokens.
+    flywheel_limit_completion_tokens: int = Field(default=256, gt=0)
     # Persistence (workers): the request stream, consolidation, retention.
     flywheel_records_stream_maxlen: int = Field(default=50_000, gt=0)
     flywheel_records_buffer: int = Field(default=50_000, gt=0)
@@ -121,6 +136,20 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         # `KEY=` in .env or compose's `${KEY:-}` means "not set", never "set to nothing".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(
+        "flywheel_http_limit_ip",
+        "flywheel_http_limit_health",
+        "flywheel_http_limit_chat",
+        "flywheel_http_limit_embeddings",
+    )
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as e:
+            raise ValueError(f"{value!r} is not a rate limit such as '100/minute'") from e
+        return value
 
     @model_validator(mode="after")
     def _master_key_outside_dev(self) -> Settings:

@@ -20,11 +20,13 @@ from fastapi.openapi.utils import get_openapi
 
 from app.api import admin, chat, embeddings, health, keys, metrics, models
 from app.api.fastpath import Gateway
+from app.api.http_limits import HttpLimits
 from app.api.middleware import RequestIdMiddleware
 from app.auth.resolver import KeyService
 from app.cache.service import make_cache
 from app.config import Settings
 from app.errors import install_error_handlers
+from app.observability.limit_metrics import LimitsCollector
 from app.observability.metrics import (
     CountedRecorder,
     RequestCounter,
@@ -33,6 +35,8 @@ from app.observability.metrics import (
 )
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
+from app.ratelimit.limiter import Limiter
+from app.ratelimit.tokens import TokenCounter
 from app.routing.config import RoutesFile, load_routes
 from app.routing.dispatch import Dispatcher
 from app.routing.router import Router
@@ -76,7 +80,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     weights_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
-    gateway_metrics = make_metrics(dispatcher, cache, requests, multiprocess_dir())
+    limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
+    http_limits = HttpLimits(settings)
+    gateway_metrics = make_metrics(
+        dispatcher,
+        cache,
+        requests,
+        multiprocess_dir(),
+        extra=[LimitsCollector(limiter, http_limits)],
+    )
     metrics_task = (
         asyncio.create_task(gateway_metrics.run_background(), name="metrics")
         if gateway_metrics.multiproc_dir
@@ -84,6 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     key_service = KeyService(settings, redis, engine)
     key_service.start()
+    tokens = TokenCounter()
+    await tokens.load()
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,
@@ -98,6 +112,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=gateway_metrics,
         cache=cache,
         keys=key_service.resolver,
+        limiter=limiter,
+        http_limits=http_limits,
+        tokens=tokens,
         jobs=make_job_queue(settings),
     )
     # Not only for adaptive routes: the same tick shares breaker cooldowns (one round
@@ -127,6 +144,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await key_service.stop()
+        await limiter.drain()
+        tokens.close()
         await cache.stop()
         await recorder.stop()
         gateway_metrics.close()  # after the last record is counted

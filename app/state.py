@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from arq.connections import ArqRedis
@@ -14,10 +15,15 @@ from app.auth.resolver import KeyResolver
 from app.cache.service import ResponseCache
 from app.config import Settings
 from app.providers.registry import ProviderRegistry
+from app.ratelimit.limiter import Limiter
+from app.ratelimit.tokens import TokenCounter
 from app.routing.config import RoutesFile
 from app.routing.dispatch import Dispatcher
 from app.routing.router import Router
 from app.store.records import Recorder
+
+if TYPE_CHECKING:  # the API layer imports this module
+    from app.api.http_limits import HttpLimits
 
 
 @dataclass(slots=True)
@@ -35,6 +41,9 @@ class AppState:
     metrics: CollectorRegistry
     cache: ResponseCache
     keys: KeyResolver
+    limiter: Limiter
+    http_limits: HttpLimits
+    tokens: TokenCounter
     # The arq queue admin endpoints enqueue worker jobs on, by name (app never imports
     # workers); None without Redis.
     jobs: ArqRedis | None = None

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.admission import admit
 from app.api.auth import authenticate
 from app.api.bodies import keep_response, note_route, stream_sink
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
@@ -53,6 +54,7 @@ async def handle(
         early = cached.early_route(state, body)
         if early is not None:
             note_route(state, exchange, caller, early, body)
+            await admit(state, exchange, caller, early, body)
             cache_plan = cached.plan(state, "chat", early, body, headers, caller.tenant)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
@@ -63,6 +65,7 @@ async def handle(
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
         note_route(state, exchange, caller, route, body)
+        await admit(state, exchange, caller, route, body)
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from app.api import cached
+from app.api.admission import admit
 from app.api.auth import authenticate
 from app.api.bodies import embeddings_summary, keep_response, note_route
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
@@ -47,6 +48,7 @@ async def handle(
             )
         deadline, client_set = request_deadline(state, req.model, headers)
         note_route(state, exchange, caller, req.model, body)
+        await admit(state, exchange, caller, req.model, body)
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers, caller.tenant)
         if cache_plan is not None and cache_plan.read:
             found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)

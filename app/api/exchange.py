@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.ratelimit.limiter import Limiter
+from app.ratelimit.quota import Ticket
 from app.routing.router import Target
 from app.store.records import Recorder, RequestRecord
 
@@ -30,6 +32,12 @@ class Exchange:
     body_retention_s: float | None = None
     request_body: Any = None
     response_body: Any = None
+    # Admission: the key's reservation, settled with the real usage when recorded, and
+    # the `x-ratelimit-*` headers every response of the exchange carries.
+    admitted: bool = False
+    ticket: Ticket | None = None
+    limiter: Limiter | None = None
+    rate_headers: dict[str, str] | None = None
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -49,6 +57,8 @@ class Exchange:
             out["x-flywheel-deployment"] = self.target.deployment.name
         elif self.route is not None:
             out["x-flywheel-route"] = self.route
+        if self.rate_headers:
+            out.update(self.rate_headers)
         return out
 
     def record(
@@ -69,6 +79,8 @@ class Exchange:
         cost = 0.0
         if d is not None:
             cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
+        if self.ticket is not None and self.limiter is not None:
+            self._settle(self.ticket, self.limiter, status, usage, prompt + completion, cost)
         recorder.record(
             RequestRecord(
                 request_id=self.request_id,
@@ -98,6 +110,23 @@ class Exchange:
                 bodies=self._bodies(),
             )
         )
+
+    def _settle(
+        self,
+        ticket: Ticket,
+        limiter: Limiter,
+        status: int,
+        usage: dict[str, Any] | None,
+        tokens: int,
+        cost: float,
+    ) -> None:
+        self.ticket = None  # once
+        if usage:
+            limiter.settle(ticket, tokens, cost)
+        elif status >= 400 and status != 499:
+            limiter.settle(ticket, 0, 0.0)  # refused or failed: nothing was used
+        # A disconnect without usage: what the upstream spent is unknown, so the
+        # reservation stands as estimated.
 
     def keep_bodies(self, retention_s: float | None, request: Any) -> None:
         """Keep this exchange's bodies for its record (the route stores them)."""

@@ -37,11 +37,18 @@ FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.
 
 class Gateway(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            handler = FAST.get(scope["path"])
-            if handler is not None:
-                await self._fast(handler, scope, receive, send)
+        if scope["type"] == "http":
+            # Per client address, before anything else (authentication included), for
+            # every endpoint: one in-memory counter update.
+            refused = self.state.flywheel.http_limits.check_client(scope)
+            if refused is not None:
+                await error_response(refused)(scope, receive, send)
                 return
+            if scope["method"] == "POST":
+                handler = FAST.get(scope["path"])
+                if handler is not None:
+                    await self._fast(handler, scope, receive, send)
+                    return
         await super().__call__(scope, receive, send)
 
     async def _fast(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:

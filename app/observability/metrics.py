@@ -63,7 +63,7 @@ CIRCUIT_STATES = ("closed", "half_open", "open")
 MIRROR_INTERVAL_S = 1.0
 UNKNOWN_ROUTE = "other"  # a `model` no route answers to: clients choose it, so not a label
 # Multiprocess aggregation of the gauges; the rest are summed ("livesum").
-GAUGE_MODES = {"flywheel_cache_l2_up": "livemin"}
+GAUGE_MODES = {"flywheel_cache_l2_up": "livemin", "flywheel_limiter_redis_up": "livemin"}
 
 
 class RoutingCollector(Collector):
@@ -336,6 +336,12 @@ def make_metrics(
     cache: ResponseCache,
     requests: RequestCounter,
     multiproc_dir: str | None = None,
+    extra: Sequence[Collector] = (),
 ) -> GatewayMetrics:
-    collectors = [RoutingCollector(dispatcher), CacheCollector(cache), GatewayCollector(requests)]
+    collectors = [
+        RoutingCollector(dispatcher),
+        CacheCollector(cache),
+        GatewayCollector(requests),
+        *extra,
+    ]
     return GatewayMetrics(collectors, multiproc_dir, requests)

@@ -128,6 +128,13 @@ class BodiesConfig(_Strict):
     retention_days: float | None = Field(default=None, gt=0)  # else FLYWHEEL_BODY_RETENTION_DAYS
 
 
+class LimitsConfig(_Strict):
+    """Per-key limits on this route when Redis is unreachable: each replica enforces its
+    share locally, or the route refuses requests (503). Unset: FLYWHEEL_LIMITS_ON_REDIS_DOWN."""
+
+    on_redis_down: Literal["local", "closed"] | None = None
+
+
 class RouteConfig(_Strict):
     strategy: Strategy = "weighted"
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -142,6 +149,7 @@ class RouteConfig(_Strict):
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     cache: CacheConfig | None = None
     bodies: BodiesConfig | None = None
+    limits: LimitsConfig | None = None
 
     @model_validator(mode="after")
     def _deployments_or_ensemble(self) -> RouteConfig:

@@ -1,0 +1,103 @@
+"""HTTP-level protection per process: slowapi's limiter over in-memory storage.
+
+Per client address on every endpoint (health endpoints have their own, higher, limit
+so probes are never starved by traffic), and per key on the /v1 endpoints for keys
+without an RPM of their own (a key's RPM is enforced globally, in Redis, by
+`app.ratelimit`). The storage is slowapi's in-memory one, chosen explicitly so a
+`RATELIMIT_STORAGE_URI` in `.env` cannot switch it: with a Redis storage the `limits`
+library would make synchronous network calls on the event loop. A hit is a dictionary
+update under a lock; `tests/unit/test_http_limits.py` checks that no I/O happens.
+
+slowapi's decorators and middleware are not used: the hot endpoints are served before
+FastAPI's routing (`app.api.fastpath`), and the per-key limit needs the key, known only
+once the request is authenticated; so the limits are checked here, against slowapi's
+limiter, by the same code for both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from slowapi import Limiter
+from starlette.types import Scope
+
+from app.config import Settings
+from app.errors import RateLimitError
+from app.ratelimit.headers import retry_headers
+from app.ratelimit.quota import Meter
+
+HEALTH_PREFIXES = ("/health", "/metrics")
+
+
+def _client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimits:
+    per_ip: RateLimitItem
+    health: RateLimitItem
+    per_key: dict[str, RateLimitItem]  # endpoint -> limit per key
+
+
+class HttpLimits:
+    def __init__(self, settings: Settings) -> None:
+        self.slowapi = Limiter(
+            key_func=lambda: "",  # keys are given at each check
+            storage_uri="memory://",
+            strategy="fixed-window",
+            key_prefix="http",
+            enabled=settings.flywheel_http_limits,
+        )
+        self.items = EndpointLimits(
+            per_ip=parse(settings.flywheel_http_limit_ip),
+            health=parse(settings.flywheel_http_limit_health),
+            per_key={
+                "chat.completions": parse(settings.flywheel_http_limit_chat),
+                "embeddings": parse(settings.flywheel_http_limit_embeddings),
+            },
+        )
+        self.refused = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.slowapi.enabled
+
+    def check_client(self, scope: Scope) -> RateLimitError | None:
+        """The per-address limit for this request, or the 429 to answer with."""
+        if not self.slowapi.enabled:
+            return None
+        path = scope["path"]
+        item = self.items.health if path.startswith(HEALTH_PREFIXES) else self.items.per_ip
+        scope_name = "health" if item is self.items.health else "ip"
+        if self.slowapi.limiter.hit(item, scope_name, _client_ip(scope)):
+            return None
+        self.refused += 1
+        return self._refusal(item, scope_name, _client_ip(scope), "this address")
+
+    def check_key(self, endpoint: str, key_id: str) -> Meter | None:
+        """Count a request of a key without its own RPM; the meter for its headers.
+        Raises 429 when the key is over the endpoint's default limit."""
+        item = self.items.per_key.get(endpoint)
+        if item is None or not self.slowapi.enabled:
+            return None
+        strategy = self.slowapi.limiter
+        if not strategy.hit(item, endpoint, key_id):
+            self.refused += 1
+            raise self._refusal(item, endpoint, key_id, "this API key")
+        stats = strategy.get_window_stats(item, endpoint, key_id)
+        return Meter(item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
+
+    def _refusal(self, item: RateLimitItem, scope: str, key: str, who: str) -> RateLimitError:
+        stats = self.slowapi.limiter.get_window_stats(item, scope, key)
+        wait = max(0.0, stats.reset_time - time.time())
+        error = RateLimitError(
+            f"Rate limit reached for {who}: {item.amount} requests per "
+            f"{item.get_expiry()} s. Try again in {wait:.0f} s.",
+            code="rate_limit_exceeded",
+        )
+        error.headers.update(retry_headers(wait))
+        return error
