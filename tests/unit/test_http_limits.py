@@ -1,0 +1,96 @@
+"""The HTTP-level limits (slowapi) do no I/O on the event loop: their storage is in
+memory whatever the environment says, and a check opens no socket and no file."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import pytest
+from limits.storage import MemoryStorage
+
+from app.api.http_limits import HttpLimits
+from app.config import Settings
+
+# Audit events that mean I/O: connecting or binding a socket, resolving a name,
+# sending a datagram, opening a file, spawning a process.
+IO_EVENTS = ("socket.", "open", "os.", "subprocess.", "shutil.")
+_seen: list[str] = []
+_watching = False
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _watching and event.startswith(IO_EVENTS):
+        _seen.append(event)
+
+
+sys.addaudithook(_audit)  # hooks cannot be removed: it only records while `_watching`
+
+
+def _scope(path: str, ip: str = "10.0.0.1") -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, "client": (ip, 5000)}
+
+
+def test_storage_is_memory_whatever_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RATELIMIT_STORAGE_URI", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("RATELIMIT_STORAGE_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("RATELIMIT_STRATEGY", "moving-window")
+    limits = HttpLimits(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert isinstance(limits.slowapi.limiter.storage, MemoryStorage)
+
+
+async def test_checks_do_no_io_and_never_stall_the_loop() -> None:
+    global _watching
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, flywheel_http_limit_ip="50/minute", flywheel_http_limit_chat="20/minute"
+    )
+    limits = HttpLimits(settings)
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.01
+    started = time.perf_counter()
+    _seen.clear()
+    _watching = True
+    try:
+        refusals = [limits.check_client(_scope("/v1/models")) for _ in range(60)]
+        meters = []
+        for _ in range(25):
+            try:
+                meters.append(limits.check_key("chat.completions", "key-1"))
+            except Exception as e:  # the 429s past the limit
+                meters.append(e)  # type: ignore[arg-type]
+            await asyncio.sleep(0)
+    finally:
+        _watching = False
+        loop.set_debug(False)
+    elapsed = time.perf_counter() - started
+    assert _seen == [], f"I/O during limit checks: {sorted(set(_seen))}"
+    assert elapsed < 0.5  # 85 checks: a fraction of a millisecond each, no waiting
+    assert [r is None for r in refusals] == [True] * 50 + [False] * 10
+    refused = refusals[-1]
+    assert refused is not None
+    assert refused.status == 429
+    assert refused.headers["retry-after"].isdigit()
+    assert meters[0].remaining == 19
+    assert meters[0].limit == 20
+    assert all(getattr(m, "status", None) == 429 for m in meters[20:])
+    assert limits.refused == 15
+
+
+def test_health_has_its_own_limit_per_address() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, flywheel_http_limit_ip="2/minute", flywheel_http_limit_health="5/minute"
+    )
+    limits = HttpLimits(settings)
+    assert [limits.check_client(_scope("/health")) is None for _ in range(6)] == [True] * 5 + [
+        False
+    ]
+    assert limits.check_client(_scope("/health", ip="10.0.0.2")) is None  # another address
+    assert limits.check_client(_scope("/v1/models")) is None  # the other limit's count
+
+
+def test_bad_limit_strings_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="not a rate limit"):
+        Settings(_env_file=None, flywheel_http_limit_chat="lots")  # type: ignore[call-arg]
