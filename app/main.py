@@ -171,7 +171,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, routes: RoutesFile | None = None) -> FastAPI:
     settings = settings or Settings()
-    app = Gateway(title="Flywheel", version=VERSION, lifespan=lifespan)
+    # No trailing-slash redirects: Starlette builds their Location from the Host header,
+    # and a path is served as spelled or not at all.
+    app = Gateway(title="Flywheel", version=VERSION, lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)

@@ -112,3 +112,30 @@ async def test_database_down_known_keys_work_unknown_get_503(
         assert resp.status_code == want, resp.text
     assert error(await chat(a, "fw-" + uuid.uuid4().hex))[2] == "auth_unavailable"
     await dead.dispose()
+
+
+async def test_auth_follows_the_matched_route_not_the_host_or_a_spelling(
+    replicas: tuple[Served, Served],
+) -> None:
+    a, _ = replicas
+    key = await new_key(a)
+    body = {"model": "r1", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
+        # Whatever Host or forwarding headers claim, /v1 needs a key and /admin the master.
+        for headers in (
+            {"host": "localhost"},
+            {"host": "admin.internal", "x-forwarded-host": "localhost"},
+            {"x-forwarded-for": "127.0.0.1", "x-real-ip": "127.0.0.1"},
+        ):
+            resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+            assert resp.status_code == 401
+            assert (await client.get("/admin/keys", headers=headers)).status_code == 401
+        # Other spellings of the paths are other (unknown) routes, never served unchecked.
+        for path in ("/v1/chat/completions/", "//v1/chat/completions", "/V1/chat/completions"):
+            resp = await client.post(path, json=body)
+            assert resp.status_code in (401, 404, 405), (path, resp.status_code)
+            assert "choices" not in resp.text
+        # A virtual key never opens the admin endpoints.
+        virtual = {"authorization": f"Bearer {key['key']}"}
+        assert (await client.get("/admin/keys", headers=virtual)).status_code == 401
+        assert (await client.get("/admin/jobs/x", headers=virtual)).status_code == 401
