@@ -4,11 +4,18 @@ For JSON and streaming chat completions at concurrency 1, 16 and 64, wrk drives 
 for a bounded time straight at nginx and then through the gateway, in the same run, so
 "added" figures are gateway minus direct. Also measured: time to first token (c=1),
 the gateway's RSS idle and after load, its cold start, and cache hits (one identical
-JSON request answered from L1, then from L2 by a gateway without L1; c=16). Everything listens on
-127.0.0.1 only and every process started here is stopped on exit, including Ctrl-C.
+JSON request answered from L1, then from L2 by a gateway without L1; c=16), and what
+authentication + per-key rate limiting cost (auth+limits: one gateway, c=1, requests
+without a key and with a virtual key that has RPM, TPM and a budget, alternating; see
+bench/auth.py). Everything listens on 127.0.0.1 only and every process started here is
+stopped on exit, including Ctrl-C.
 
     .venv/bin/python scripts/bench.py [--quick | --seconds S] [--repeat N] [--json out.json]
-                                      [--no-cache] [--no-resilience]
+                                      [--no-cache] [--no-resilience] [--no-auth | --auth-only]
+
+Only the auth+limits scenario (nginx, Redis and that scenario's gateway, nothing else):
+
+    .venv/bin/python scripts/bench.py --auth-only [--seconds S] [--repeat N]
 
 It is a report, not a test: it exits 0 when the run completed, whether or not targets
 were met (pass --strict to exit 1 on a missed target).
@@ -31,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import cache, check, report, ttft, wrk
+from bench import auth, cache, check, report, ttft, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured, start_reference
 from bench.procs import BenchError, Processes
@@ -45,7 +52,12 @@ WARMUP_S = 1.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Only the auth+limits scenario (authenticated + rate-limited requests against "
+        "unauthenticated ones, same gateway): scripts/bench.py --auth-only [--seconds S] "
+        "[--repeat N]",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="load per cell (10)")
     parser.add_argument("--quick", action="store_true", help="3 s per cell, 100 TTFT requests")
     parser.add_argument("--repeat", type=int, default=1, help="runs of the whole matrix")
@@ -63,12 +75,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-resilience", action="store_true", help="skip the hedging/concurrency scenarios"
     )
     parser.add_argument("--no-cache", action="store_true", help="skip the cache-hit scenario")
+    auth_group = parser.add_mutually_exclusive_group()
+    auth_group.add_argument("--no-auth", action="store_true", help="skip the auth+limits scenario")
+    auth_group.add_argument(
+        "--auth-only",
+        action="store_true",
+        help="run only the auth+limits scenario (nginx, Redis and its own gateway): JSON at "
+        "c=1 without a key and with a rate-limited virtual key, alternating in 4 rounds of "
+        "S/4 s (at least 1 s) per side",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0
         args.ttft_requests = min(args.ttft_requests, 100)
     if args.seconds <= 0 or args.seconds > 600 or args.repeat < 1 or args.ttft_requests < 1:
         parser.error("need 0 < --seconds <= 600, --repeat >= 1, --ttft-requests >= 1")
+    if args.auth_only and args.direct_only:
+        parser.error("--auth-only needs a gateway; it cannot go with --direct-only")
     return args
 
 
@@ -149,10 +172,31 @@ class Run:
 
 
 def run_once(
-    procs: Processes, run: Run, setup: GatewaySetup | None, cache_tiers: list[cache.Tier]
+    procs: Processes,
+    run: Run,
+    setup: GatewaySetup | None,
+    cache_tiers: list[cache.Tier],
+    auth_setup: GatewaySetup | None,
 ) -> Figures:
     """Start a gateway (measuring cold starts and idle RSS), load it, stop it; then the
-    cache-hit scenario on gateways of its own."""
+    cache-hit and auth+limits scenarios on gateways of their own."""
+    auth_only = run.args.auth_only
+    steal = steal_share() if auth_only else load_main(procs, run, setup, cache_tiers)
+    if auth_setup is not None:
+        unique = not run.args.same_prompt
+        seconds = run.args.seconds
+        run.fig.update(auth.measure(procs, auth_setup, run.wrk_bin, seconds, unique, progress))
+    run.fig["cpu_steal_pct"] = steal()
+    progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
+    report.add_derived(run.fig)
+    return run.fig
+
+
+def load_main(
+    procs: Processes, run: Run, setup: GatewaySetup | None, cache_tiers: list[cache.Tier]
+) -> Callable[[], float]:
+    """The main gateway's matrix, TTFT, RSS and cold starts, then the cache tiers; the
+    steal measurement, started once the gateway is up."""
     gateway: Gateway | None = None
     if setup is not None:
         gateway, cold = start_measured(procs, setup, run.args.cold_starts)
@@ -172,10 +216,7 @@ def run_once(
         if gateway is not None:
             procs.stop(gateway.proc)
     run.fig.update(cache.run_cache(procs, cache_tiers, run.wrk_bin, run.args.seconds, progress))
-    run.fig["cpu_steal_pct"] = steal()
-    progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
-    report.add_derived(run.fig)
-    return run.fig
+    return steal
 
 
 def steal_share() -> Callable[[], float]:
@@ -227,7 +268,8 @@ def write_json(
             "repeat": args.repeat,
             "ttft_requests": args.ttft_requests,
             "concurrency": list(CONCURRENCY),
-            "cache_scenario": not args.no_cache,
+            "cache_scenario": not args.no_cache and not args.auth_only,
+            "auth_scenario": not args.no_auth and not args.direct_only,
         },
         "runs": runs,
         "median": med,
@@ -268,21 +310,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             tmp = Path(tmp_name)
             _, nginx_port = start_nginx(procs, tmp / "nginx", nginx)
             setup = None
+            auth_setup = None
             reference = None
             cache_tiers: list[cache.Tier] = []
-            if not args.direct_only:
+            if args.auth_only:
+                auth_setup = auth.setup(tmp / "auth", nginx_port, start_redis(procs, tmp))
+            elif not args.direct_only:
                 setup = GatewaySetup(tmp / "gateway", nginx_port, start_redis(procs, tmp))
                 reference = start_reference(procs, tmp / "reference", nginx_port)
                 if not args.no_cache:
                     cache_tiers = cache.tiers(tmp / "cache", nginx_port, setup.redis_url)
+                if not args.no_auth:
+                    auth_setup = auth.setup(tmp / "auth", nginx_port, setup.redis_url)
             if setup is not None:
                 setup.prepare()
             for tier in cache_tiers:
                 tier.setup.prepare()
+            if auth_setup is not None:
+                auth_setup.prepare()
             for i in range(args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
                 run = Run(args, wrk_bin, nginx_port, reference)
-                runs.append(run_once(procs, run, setup, cache_tiers))
+                runs.append(run_once(procs, run, setup, cache_tiers, auth_setup))
             if setup is not None and not args.no_resilience:
                 progress("resilience scenarios (hedging, adaptive concurrency)")
                 resilience = run_resilience(

@@ -8,6 +8,9 @@ from typing import Any
 
 PROMPT = "Say hello"
 MARKER = "@@N@@"
+# What the load's requests present unless told otherwise: a key the gateway does not
+# know, served as anonymous where keys are optional (dev).
+AUTHORIZATION = "Bearer sk-bench"
 
 
 @dataclass(frozen=True)

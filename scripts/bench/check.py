@@ -8,17 +8,22 @@ import http.client
 import json
 from urllib.parse import urlsplit
 
-from bench.body import ChatBody
+from bench.body import AUTHORIZATION, ChatBody
 from bench.upstream import ANSWER
 
 EXPECTED = "".join(ANSWER)
 
 
-def _post(url: str, body: str) -> tuple[int, dict[str, str], str]:
+def post(
+    url: str, body: str, authorization: str | None = AUTHORIZATION
+) -> tuple[int, dict[str, str], str]:
+    """POST a JSON body (Authorization header unless None); status, headers, text."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
     try:
-        headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+        headers = {"content-type": "application/json"}
+        if authorization is not None:
+            headers["authorization"] = authorization
         conn.request("POST", parts.path, body=body.encode(), headers=headers)
         resp = conn.getresponse()
         text = resp.read().decode()
@@ -38,17 +43,28 @@ def _stream_content(text: str) -> str:
     return "".join(pieces)
 
 
-def verify(url: str, body: ChatBody, cache: str | None = None) -> str:
+def verify(
+    url: str,
+    body: ChatBody,
+    cache: str | None = None,
+    *,
+    authorization: str | None = AUTHORIZATION,
+    require_headers: tuple[str, ...] = (),
+) -> str:
     """Raise RuntimeError unless `url` answers like OpenAI; a one-line description.
 
-    With `cache` (hit-l1, hit-l2), the answer must also come from that cache tier.
+    With `cache` (hit-l1, hit-l2), the answer must also come from that cache tier; every
+    header named in `require_headers` must be there. `authorization`: the Authorization
+    header to send (None: none).
     """
-    status, headers, text = _post(url, body.numbered(0))
+    status, headers, text = post(url, body.numbered(0), authorization)
     try:
         if status != 200:
             raise ValueError(f"status {status}")
         if cache is not None and headers.get("x-flywheel-cache") != cache:
             raise ValueError(f"x-flywheel-cache {headers.get('x-flywheel-cache')!r}, not {cache}")
+        if missing := [h for h in require_headers if h not in headers]:
+            raise ValueError(f"no {', '.join(missing)} header in the answer")
         if body.stream:
             content = _stream_content(text)
         else:
@@ -57,5 +73,6 @@ def verify(url: str, body: ChatBody, cache: str | None = None) -> str:
             raise ValueError(f"content {content!r}, expected {EXPECTED!r}")
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise RuntimeError(f"{url} ({body.model}) answered wrongly: {exc}\n{text[:2000]}") from exc
-    facts = [f"{k}={v}" for k, v in sorted(headers.items()) if k.startswith("x-flywheel-")]
+    shown = ("x-flywheel-", "x-ratelimit-")
+    facts = [f"{k}={v}" for k, v in sorted(headers.items()) if k.startswith(shown)]
     return f"{headers.get('content-type', '?')}" + (f"; {', '.join(facts)}" if facts else "")

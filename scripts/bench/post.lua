@@ -2,10 +2,14 @@
 -- BENCH_BODY is the body. When BENCH_BODY_PREFIX/BENCH_BODY_SUFFIX are set, every
 -- request gets its own prompt (prefix .. "<thread>.<n>" .. suffix), so a response
 -- cache in the gateway cannot turn the run into cache hits.
+-- BENCH_AUTHORIZATION is the Authorization header (unset: "Bearer sk-bench"; empty: none).
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench"
+local authorization = os.getenv("BENCH_AUTHORIZATION") or "Bearer sk-bench"
+if authorization ~= "" then
+   wrk.headers["Authorization"] = authorization
+end
 
 local threads = 0
 

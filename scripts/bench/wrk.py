@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.body import ChatBody
+from bench.body import AUTHORIZATION, ChatBody
 
 LUA = Path(__file__).with_name("post.lua")
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -60,8 +60,17 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(wrk: str, url: str, body: ChatBody, *, connections: int, seconds: float) -> WrkResult:
-    """POST `body` to `url` from `connections` keep-alive connections for `seconds`."""
+def run(
+    wrk: str,
+    url: str,
+    body: ChatBody,
+    *,
+    connections: int,
+    seconds: float,
+    authorization: str | None = AUTHORIZATION,
+) -> WrkResult:
+    """POST `body` to `url` from `connections` keep-alive connections for `seconds`,
+    with `authorization` as the Authorization header (None: no such header)."""
     threads = 1 if connections < 16 else 2
     argv = [
         wrk,
@@ -75,7 +84,7 @@ def run(wrk: str, url: str, body: ChatBody, *, connections: int, seconds: float)
         str(LUA),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY": body.static}
+    env = {**os.environ, "BENCH_BODY": body.static, "BENCH_AUTHORIZATION": authorization or ""}
     if (parts := body.parts()) is not None:
         env.update(BENCH_BODY_PREFIX=parts[0], BENCH_BODY_SUFFIX=parts[1])
     done = subprocess.run(
