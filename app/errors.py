@@ -148,7 +148,7 @@ def _retry_after_value(seconds: float) -> str:
 # Anything that looks like a credential is cut from upstream messages before they are
 # passed on: provider keys, bearer tokens, and `key=` query parameters.
 _SECRET_PATTERNS = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|gsk_[A-Za-z0-9]{8,}"
+    r"(sk-[A-Za-z0-9_\-]{8,}|fw-[A-Za-z0-9_\-]{32,}|AIza[0-9A-Za-z_\-]{20,}|gsk_[A-Za-z0-9]{8,}"
     r"|Bearer\s+[A-Za-z0-9._\-]+|(?<=key=)[^&\s\"']+)"
 )
 

@@ -67,10 +67,9 @@ def route_pattern(prefix: str, route: str | None) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def tenant_of(authorization: str | None) -> str:
-    """Who the answer belongs to: the caller's key, hashed (answers never cross tenants).
-
-    Until virtual keys exist this is the bearer token the client presented.
-    """
+    """The tenant of a caller without a virtual key (where keys are optional): the bearer
+    token it presented, hashed, so answers never cross callers. Virtual keys are their
+    own tenants (`key:<id>`), the master key is `master`."""
     if not authorization:
         return "anonymous"
     return hashlib.sha256(authorization.encode()).hexdigest()[:32]

@@ -32,4 +32,9 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # DEBUG is for the gateway's own loggers. Libraries' debug output is beyond its
+    # control and may carry secrets: aiosqlite logs every statement with its parameters,
+    # API key hashes included.
+    own = logging.getLogger("flywheel")
+    own.setLevel(level.upper())
+    root.setLevel(max(own.level, logging.INFO))

@@ -19,9 +19,11 @@ _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}"
     r"(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}\b"
 )
-# Provider and cloud key shapes, then generic "bearer <token>" and key=value secrets.
+# Provider and cloud key shapes (Flywheel's own virtual keys among them: `fw-` and 43
+# URL-safe characters), then generic "bearer <token>" and key=value secrets.
 _SECRET = re.compile(
     r"\b(?:sk|pk|rk)-(?:[A-Za-z0-9_-]+-)?[A-Za-z0-9_-]{16,}"
+    r"|\bfw-[A-Za-z0-9_-]{32,}"
     r"|\bsk-ant-[A-Za-z0-9_-]{16,}"
     r"|\bAKIA[0-9A-Z]{16}\b"
     r"|\bAIza[0-9A-Za-z_-]{35}\b"
