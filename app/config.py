@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     flywheel_http_limit_health: str = "1000/minute"
     flywheel_http_limit_chat: str = "100/minute"
     flywheel_http_limit_embeddings: str = "1000/minute"
-    # Per-key RPM/TPM/budgets live in Redis; without it each replica enforces the limit
-    # divided by this count, or refuses ("closed"; routes may say otherwise).
+    # Per-key RPM/TPM/budgets live in Redis; without it each gateway process enforces the
+    # limit divided by this count (processes, not hosts), or refuses ("closed").
     flywheel_replicas: int = Field(default=1, ge=1)
     flywheel_limits_on_redis_down: Literal["local", "closed"] = "local"
     # Completion tokens reserved for a request that does not set max_tokens.

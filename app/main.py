@@ -97,7 +97,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     key_service = KeyService(settings, redis, engine)
     key_service.start()
     tokens = TokenCounter()
-    await tokens.load()
     app.state.flywheel = AppState(
         settings=settings,
         routes=routes,

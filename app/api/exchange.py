@@ -122,7 +122,10 @@ class Exchange:
     ) -> None:
         self.ticket = None  # once
         if usage:
-            limiter.settle(ticket, tokens, cost)
+            # An ensemble's answer names no one deployment, so its cost is not known
+            # here: the reserved cost stands. A cache hit costs nothing.
+            known = self.target is not None or self.cache.startswith("hit")
+            limiter.settle(ticket, tokens, cost if known else None)
         elif status >= 400 and status != 499:
             limiter.settle(ticket, 0, 0.0)  # refused or failed: nothing was used
         # A disconnect without usage: what the upstream spent is unknown, so the

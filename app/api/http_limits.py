@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 from app.config import Settings
 from app.errors import RateLimitError
-from app.ratelimit.headers import retry_headers
+from app.ratelimit.headers import meter_headers, retry_headers
 from app.ratelimit.quota import Meter
 
 HEALTH_PREFIXES = ("/health", "/metrics")
@@ -50,8 +50,10 @@ class HttpLimits:
             storage_uri="memory://",
             strategy="fixed-window",
             key_prefix="http",
-            enabled=settings.flywheel_http_limits,
         )
+        # Set after construction: slowapi would otherwise let RATELIMIT_ENABLED in the
+        # environment or .env override FLYWHEEL_HTTP_LIMITS.
+        self.slowapi.enabled = settings.flywheel_http_limits
         self.items = EndpointLimits(
             per_ip=parse(settings.flywheel_http_limit_ip),
             health=parse(settings.flywheel_http_limit_health),
@@ -87,7 +89,10 @@ class HttpLimits:
         strategy = self.slowapi.limiter
         if not strategy.hit(item, endpoint, key_id):
             self.refused += 1
-            raise self._refusal(item, endpoint, key_id, "this API key")
+            error = self._refusal(item, endpoint, key_id, "this API key")
+            wait = float(error.headers["retry-after-ms"]) / 1000
+            error.headers.update(meter_headers(Meter(item.amount, 0, wait), None))
+            raise error
         stats = strategy.get_window_stats(item, endpoint, key_id)
         return Meter(item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
 

@@ -16,7 +16,9 @@ from collections import Counter
 from typing import Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.ratelimit.local_window import LocalWindow
 from app.ratelimit.quota import Ask, Decision, Quota, Ticket, to_nano
@@ -25,7 +27,9 @@ from app.ratelimit.redis_window import RedisWindow
 log = logging.getLogger("flywheel.limits")
 RETRY_S = 1.0
 OnRedisDown = Literal["local", "closed"]
-_REDIS_DOWN = (RedisError, OSError, asyncio.TimeoutError)
+# Unreachable or too slow: an outage. Any other Redis error is a bug of ours, answered
+# locally for that request without declaring Redis down.
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
 class Limiter:
@@ -50,6 +54,8 @@ class Limiter:
                 decision, spent = await self._redis.reserve(quota, ask)
             except _REDIS_DOWN as e:
                 self._went_down(e)
+            except RedisError:
+                log.exception("rate limits: the reserve script failed; decided locally")
             else:
                 self._came_back()
                 if spent is not None:
@@ -60,11 +66,13 @@ class Limiter:
             return Decision(False, "unavailable", RETRY_S)
         return self.local.reserve(quota, ask)
 
-    def settle(self, ticket: Ticket, tokens: int, cost_usd: float) -> None:
+    def settle(self, ticket: Ticket, tokens: int, cost_usd: float | None) -> None:
         """Move the reservation to the real usage (in the background: Redis, not the
-        client, waits for it)."""
+        client, waits for it). A cost of None is unknown: the reserved cost stands."""
         token_delta = tokens - ticket.tokens if ticket.counts_tokens else 0
-        cost_delta = to_nano(cost_usd) - ticket.cost_nano if ticket.counts_cost else 0
+        cost_delta = 0
+        if ticket.counts_cost and cost_usd is not None:
+            cost_delta = to_nano(cost_usd) - ticket.cost_nano
         if not token_delta and not cost_delta:
             return
         if ticket.local or self._redis is None:
@@ -82,6 +90,9 @@ class Limiter:
             # The reservation stands as estimated: the key is charged what was reserved.
             self.settle_failures += 1
             self._went_down(e)
+        except RedisError:
+            self.settle_failures += 1
+            log.exception("rate limits: the settle script failed; the estimate stands")
 
     async def drain(self) -> None:
         """Wait for settlements under way (shutdown)."""

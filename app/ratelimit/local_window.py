@@ -45,15 +45,15 @@ class LocalWindow:
         self._requests: defaultdict[str, _Buckets] = defaultdict(_Buckets)
         self._tokens: defaultdict[str, _Buckets] = defaultdict(_Buckets)
         self._spent: defaultdict[tuple[str, str], int] = defaultdict(int)
-        # What Redis last said each key had spent in its period, in nano-dollars.
-        self._known_spent: dict[tuple[str, str], int] = {}
+        # What Redis last said each key had spent, and in which period (nano-dollars).
+        self._known_spent: dict[str, tuple[str, int]] = {}
 
     def share(self, limit: int) -> int:
         return limit // self.replicas
 
     def remember_spent(self, key_id: str, period: str | None, spent_usd: float) -> None:
         period_id, _ = period_of(period, time.time())
-        self._known_spent[(key_id, period_id)] = to_nano(spent_usd)
+        self._known_spent[key_id] = (period_id, to_nano(spent_usd))
 
     def reserve(self, quota: Quota, ask: Ask) -> Decision:
         now = time.time()
@@ -69,14 +69,18 @@ class LocalWindow:
         ttotal = toks.total(oldest) if quota.tpm else 0
         if quota.rpm and rtotal + 1 > rpm:
             refusal, wait = "requests", reqs.wait_for(rtotal + 1 - rpm, now)
+        elif quota.tpm and ask.tokens > quota.tpm:
+            refusal = "too_large"  # over the whole limit: never admissible
         elif quota.tpm and ask.tokens > tpm:
-            refusal = "too_large"
+            refusal, wait = "tokens", 1.0  # over this replica's share: until Redis is back
         elif quota.tpm and ttotal + ask.tokens > tpm:
             refusal, wait = "tokens", toks.wait_for(ttotal + ask.tokens - tpm, now)
         cost = 0
         if quota.budget_usd is not None:
             cost = to_nano(ask.cost_usd)
-            left = to_nano(quota.budget_usd) - self._known_spent.get((quota.key_id, period_id), 0)
+            known_period, known = self._known_spent.get(quota.key_id, (period_id, 0))
+            spent_before = known if known_period == period_id else 0
+            left = to_nano(quota.budget_usd) - spent_before
             allowance = max(0, left) // self.replicas
             if refusal is None and self._spent[(quota.key_id, period_id)] >= allowance:
                 refusal = "budget"

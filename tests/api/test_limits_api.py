@@ -115,6 +115,7 @@ async def test_keys_without_rpm_get_the_endpoint_default(gw: Served) -> None:
     assert [limits_of(r, "requests")[1] for r in answers[:4]] == [3, 2, 1, 0]
     assert "x-ratelimit-limit-tokens" not in answers[0].headers  # the key has no TPM
     assert answers[4].headers["retry-after"].isdigit()
+    assert limits_of(answers[4], "requests")[:2] == (4, 0)
     assert (await chat(gw, MASTER)).status_code == 200  # the operator is not limited
 
 

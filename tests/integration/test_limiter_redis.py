@@ -81,6 +81,21 @@ async def test_budget_reserved_settled_and_spent(redis: Redis, key_prefix: str) 
     assert 86_400 < ttl <= 2 * 86_400  # the day's counter outlives the day by a day
 
 
+async def test_zero_budget_and_absurd_asks(redis: Redis, key_prefix: str) -> None:
+    limiter = Limiter(redis, key_prefix, replicas=1)
+    nothing = await limiter.reserve(Quota(_key(), budget_usd=0.0), Ask(1, 0.0), "local")
+    assert nothing.refusal == "budget"  # a $0 budget admits nothing
+    # A client's max_tokens and n can ask for anything: capped, never a Redis error (which
+    # would read as an outage) nor a spend Redis cannot count.
+    quota = Quota(_key(), rpm=5, tpm=10**13, budget_usd=200_000.0)
+    huge = await limiter.reserve(quota, Ask(10**20, 10**12), "local")
+    assert huge.allowed
+    assert limiter.degraded.total() == 0
+    assert limiter.redis_up
+    spent = await limiter.reserve(quota, Ask(1, 0.0), "local")
+    assert spent.refusal == "budget"  # the reservation took the whole (capped) budget
+
+
 async def test_outage_local_share_or_closed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,8 +37,12 @@ def test_storage_is_memory_whatever_the_environment_says(monkeypatch: pytest.Mon
     monkeypatch.setenv("RATELIMIT_STORAGE_URI", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("RATELIMIT_STORAGE_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("RATELIMIT_STRATEGY", "moving-window")
+    monkeypatch.setenv("RATELIMIT_ENABLED", "false")
     limits = HttpLimits(Settings(_env_file=None))  # type: ignore[call-arg]
     assert isinstance(limits.slowapi.limiter.storage, MemoryStorage)
+    assert limits.enabled  # FLYWHEEL_HTTP_LIMITS decides, not slowapi's own variable
+    off = HttpLimits(Settings(_env_file=None, flywheel_http_limits=False))  # type: ignore[call-arg]
+    assert not off.enabled
 
 
 async def test_checks_do_no_io_and_never_stall_the_loop() -> None:

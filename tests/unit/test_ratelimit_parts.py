@@ -65,7 +65,10 @@ def test_local_share_of_requests_and_tokens() -> None:
     assert 58 < refused.retry_after_s <= 60
     tokens = LocalWindow(replicas=2)
     q = Quota("t", tpm=1000)
-    assert tokens.reserve(q, Ask(600, 0.0)).refusal == "too_large"  # over the share of 500
+    assert tokens.reserve(q, Ask(1001, 0.0)).refusal == "too_large"  # never admissible
+    over_share = tokens.reserve(q, Ask(600, 0.0))  # over this replica's 500, not the 1000
+    assert over_share.refusal == "tokens"
+    assert over_share.retry_after_s == 1.0
     first = tokens.reserve(q, Ask(400, 0.0))
     assert first.allowed
     assert first.ticket is not None
