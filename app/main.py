@@ -82,6 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     dispatcher = Dispatcher(router)
     limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
     http_limits = HttpLimits(settings)
+    sweep_task = asyncio.create_task(http_limits.sweep_forever(), name="http-limits")
     gateway_metrics = make_metrics(
         dispatcher,
         cache,
@@ -137,7 +138,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in (weights_task, cache_task, metrics_task):
+        for task in (weights_task, cache_task, metrics_task, sweep_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

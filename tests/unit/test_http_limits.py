@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
 from limits.storage import MemoryStorage
 
-from app.api.http_limits import HttpLimits
+from app.api.http_limits import HttpLimits, LoopMemoryStorage
 from app.config import Settings
 
 # Audit events that mean I/O: connecting or binding a socket, resolving a name,
@@ -56,6 +57,7 @@ async def test_checks_do_no_io_and_never_stall_the_loop() -> None:
     loop.slow_callback_duration = 0.01
     started = time.perf_counter()
     _seen.clear()
+    threads = threading.active_count()
     _watching = True
     try:
         refusals = [limits.check_client(_scope("/v1/models")) for _ in range(60)]
@@ -71,6 +73,7 @@ async def test_checks_do_no_io_and_never_stall_the_loop() -> None:
         loop.set_debug(False)
     elapsed = time.perf_counter() - started
     assert _seen == [], f"I/O during limit checks: {sorted(set(_seen))}"
+    assert threading.active_count() == threads  # no expiry thread competing for the GIL
     assert elapsed < 0.5  # 85 checks: a fraction of a millisecond each, no waiting
     assert [r is None for r in refusals] == [True] * 50 + [False] * 10
     refused = refusals[-1]
@@ -98,3 +101,16 @@ def test_health_has_its_own_limit_per_address() -> None:
 def test_bad_limit_strings_are_refused_at_start() -> None:
     with pytest.raises(ValueError, match="not a rate limit"):
         Settings(_env_file=None, flywheel_http_limit_chat="lots")  # type: ignore[call-arg]
+
+
+def test_expired_windows_are_swept() -> None:
+    limits = HttpLimits(Settings(_env_file=None))  # type: ignore[call-arg]
+    storage = limits.slowapi.limiter.storage
+    assert isinstance(storage, LoopMemoryStorage)
+    for i in range(100):
+        storage.incr(f"short/{i}", expiry=0.01)
+    storage.incr("long", expiry=60)
+    time.sleep(0.02)
+    assert storage.sweep() == 100
+    assert storage.get("long") == 1
+    assert len(storage.expirations) == 1
