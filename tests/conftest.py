@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis as sync_redis
 import uvicorn
@@ -263,3 +264,13 @@ async def gateway(
     )
     async with Served(create_app(settings, routes)) as served:
         yield served
+
+
+async def create_key(url: str, master: str, **spec: Any) -> dict[str, Any]:
+    """A virtual key made through the admin API; the answer holds its secret (`key`)."""
+    auth = {"authorization": f"Bearer {master}"}
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=10) as client:
+        resp = await client.post("/admin/keys", json={"name": "test", **spec})
+    assert resp.status_code == 201, resp.text
+    body: dict[str, Any] = resp.json()
+    return body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -9,6 +10,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.ratelimit.limiter import Limiter
+
+
+def _by_label(name: str, doc: str, label: str, counts: Counter[str]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
 
 
 class Refusals(Protocol):
@@ -22,22 +30,18 @@ class LimitsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         lim = self._limiter
-        decisions = CounterMetricFamily(
+        yield _by_label(
             "flywheel_limiter_decisions",
             "Per-key admissions: allowed, or the limit that refused",
-            labels=["result"],
+            "result",
+            lim.decisions,
         )
-        for result, n in sorted(lim.decisions.items()):
-            decisions.add_metric([result], n)
-        yield decisions
-        degraded = CounterMetricFamily(
+        yield _by_label(
             "flywheel_limiter_degraded",
             "Per-key decisions taken without Redis, by the route's mode",
-            labels=["mode"],
+            "mode",
+            lim.degraded,
         )
-        for mode, n in sorted(lim.degraded.items()):
-            degraded.add_metric([mode], n)
-        yield degraded
         yield CounterMetricFamily(
             "flywheel_limiter_settle_failures",
             "Reservations left as estimated because Redis could not be reached",

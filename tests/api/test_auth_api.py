@@ -17,7 +17,7 @@ from app.auth.keys import KeyStore
 from app.config import Settings
 from app.main import create_app
 from app.store.db import make_engine
-from tests.conftest import Served, openai_route, routes_for
+from tests.conftest import Served, create_key, openai_route, routes_for
 from tests.fakes.server import FakeServer
 
 MASTER = "sk-master-auth-0123456789"
@@ -47,11 +47,7 @@ async def chat(gw: Served, key: str | None, model: str = "r1") -> httpx.Response
 
 
 async def new_key(gw: Served, **spec: Any) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=gw.url, headers=ADMIN, timeout=10) as client:
-        resp = await client.post("/admin/keys", json={"name": "t", **spec})
-    assert resp.status_code == 201, resp.text
-    body: dict[str, Any] = resp.json()
-    return body
+    return await create_key(gw.url, MASTER, **spec)
 
 
 def error(resp: httpx.Response) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.main import create_app
 from app.ratelimit.periods import period_of
-from tests.conftest import Served, openai_route, routes_for
+from tests.conftest import Served, create_key, openai_route, routes_for
 from tests.fakes.server import FakeServer
 
 MASTER = "sk-master-limits-0123456789"
@@ -50,11 +50,7 @@ async def gw(
 
 
 async def new_key_body(gw: Served, **spec: Any) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=gw.url, headers=ADMIN, timeout=10) as client:
-        resp = await client.post("/admin/keys", json={"name": "limits", **spec})
-    assert resp.status_code == 201, resp.text
-    body: dict[str, Any] = resp.json()
-    return body
+    return await create_key(gw.url, MASTER, **spec)
 
 
 async def new_key(gw: Served, **spec: Any) -> str:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -54,6 +55,20 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def start_gateway(
+    env: dict[str, str], port: int, log: IO[bytes], *options: str
+) -> subprocess.Popen[bytes]:
+    """The gateway as production runs it: uvicorn, here on loopback."""
+    argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    return subprocess.Popen(
+        [*argv, "--port", str(port), *options],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @dataclass
@@ -141,23 +156,7 @@ def system(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        gateway = start_gateway(env, port, log, "--no-access-log")
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for(url + "/health", proc=gateway)

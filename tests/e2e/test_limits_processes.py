@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +31,8 @@ from redis.asyncio import Redis
 
 from app.ratelimit.periods import period_of
 from app.ratelimit.tokens import TokenCounter
-from tests.e2e.conftest import ROOT, free_port, stop, wait_for
+from tests.conftest import create_key
+from tests.e2e.conftest import free_port, start_gateway, stop, wait_for
 from tests.e2e.proxy import CuttableProxy
 from tests.fakes.server import FakeServer
 
@@ -105,16 +105,7 @@ def pair(
     try:
         for _ in range(2):
             port = free_port()
-            argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)]
-            procs.append(
-                subprocess.Popen(
-                    [*argv, "--host", "127.0.0.1", "--no-access-log"],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            procs.append(start_gateway(env, port, log, "--no-access-log"))
             urls.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(urls, procs, strict=True):
             wait_for(url + "/health", proc=proc)
@@ -128,11 +119,7 @@ def pair(
 
 
 async def new_key(url: str, **spec: Any) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=10) as client:
-        resp = await client.post("/admin/keys", json={"name": "e2e", **spec})
-    assert resp.status_code == 201, resp.text
-    body: dict[str, Any] = resp.json()
-    return body
+    return await create_key(url, MASTER, **spec)
 
 
 async def burst(pair: Pair, key: str, n: int) -> list[httpx.Response]:

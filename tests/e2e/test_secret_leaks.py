@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -44,7 +43,7 @@ from sqlalchemy import MetaData, select
 
 from app.config import normalise_database_url
 from app.store.db import make_engine
-from tests.e2e.conftest import BIN, ROOT, free_port, stop, wait_for
+from tests.e2e.conftest import BIN, ROOT, free_port, start_gateway, stop, wait_for
 from tests.fakes.server import FakeServer, FakeState, remember
 
 pytestmark = pytest.mark.e2e
@@ -364,14 +363,7 @@ def rig(
             )
         with (tmp_path / "gateway.log").open("wb") as out:
             # With the access log: the most output there is to search.
-            argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
-            gateway = subprocess.Popen(
-                [*argv, "--port", str(port), "--log-level", "debug"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            gateway = start_gateway(env, port, out, "--log-level", "debug")
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for(url + "/health", proc=gateway)
