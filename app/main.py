@@ -17,6 +17,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from app.api import admin, chat, embeddings, health, keys, metrics, models
 from app.api.fastpath import Gateway
@@ -33,6 +35,7 @@ from app.observability.metrics import (
     make_metrics,
     multiprocess_dir,
 )
+from app.observability.tracing import Tracing, make_tracing
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
 from app.ratelimit.limiter import Limiter
@@ -60,9 +63,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = make_engine(settings.database_dsn)
     # Raises on a mismatch (refuse to start); an unreachable database only degrades.
     await check_schema(engine)
+    tracing: Tracing = app.state.tracing
     http = make_session(
         max_connections=settings.flywheel_upstream_max_connections,
         connect_timeout_s=settings.flywheel_upstream_connect_timeout_s,
+        trace_configs=tracing.client_trace_configs(),
     )
     redis = make_redis(settings)
     requests = RequestCounter(routes.routes)  # flywheel_requests_total, as recorded
@@ -115,6 +120,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter=limiter,
         http_limits=http_limits,
         tokens=tokens,
+        tracing=tracing,
         jobs=make_job_queue(settings),
     )
     # Not only for adaptive routes: the same tick shares breaker cooldowns (one round
@@ -154,6 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await redis.aclose()
         if app.state.flywheel.jobs is not None:
             await app.state.flywheel.jobs.aclose(close_connection_pool=True)
+        await asyncio.to_thread(tracing.shutdown)  # flushes queued spans, bounded
         await engine.dispose()
 
 
@@ -169,12 +176,25 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(settings: Settings | None = None, routes: RoutesFile | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    routes: RoutesFile | None = None,
+    span_exporter: SpanExporter | None = None,
+) -> FastAPI:
+    """The app. `span_exporter` turns tracing on with that exporter (tests); otherwise
+    it is on when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     settings = settings or Settings()
     # No trailing-slash redirects: Starlette builds their Location from the Host header,
     # and a path is served as spelled or not at all.
     app = Gateway(title="Flywheel", version=VERSION, lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
+    tracing = make_tracing(
+        settings.otel_service_name, settings.otel_exporter_otlp_endpoint, span_exporter
+    )
+    app.state.tracing = tracing
+    if tracing.provider is not None:
+        # The FastAPI-routed endpoints; the fast path makes its own server span.
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider)
     # Loaded here, not in the lifespan, so a bad routes file fails before serving.
     app.state.routes = routes or load_routes(settings)
     install_error_handlers(app)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.auth.resolver import KeyResolver
 from app.cache.service import ResponseCache
 from app.config import Settings
+from app.observability.tracing import Tracing
 from app.providers.registry import ProviderRegistry
 from app.ratelimit.limiter import Limiter
 from app.ratelimit.tokens import TokenCounter
@@ -44,6 +45,7 @@ class AppState:
     limiter: Limiter
     http_limits: HttpLimits
     tokens: TokenCounter
+    tracing: Tracing
     # The arq queue admin endpoints enqueue worker jobs on, by name (app never imports
     # workers); None without Redis.
     jobs: ArqRedis | None = None

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from opentelemetry import trace
 
 from app.api import cached
 from app.api.admission import admit
@@ -27,9 +28,11 @@ from app.api.exchange import Exchange
 from app.api.responses import EventStream, JSONBytes
 from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import StreamSink, first_chunk, sse_body
+from app.api.traced import traced_attempt
 from app.cache.service import Flight
 from app.deps import StateDep, request_id
 from app.errors import GatewayError
+from app.observability.tracing import set_attributes
 from app.providers.base import JSON, ChatCall
 from app.routing.router import Target
 from app.schemas.chat import CHAT_REQUEST, ChatCompletionRequest
@@ -44,17 +47,22 @@ async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "chat.completions")
+    tracing = state.tracing
+    if tracing.enabled:
+        exchange.span = trace.get_current_span()
     cache_plan: cached.CachePlan | None = None
     flight: Flight | None = None
     result: JSON | None = None
     try:
-        caller = await authenticate(state, headers)
+        with tracing.span("auth"):
+            caller = await authenticate(state, headers)
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         early = cached.early_route(state, body)
         if early is not None:
             note_route(state, exchange, caller, early, body)
-            await admit(state, exchange, caller, early, body)
+            with tracing.span("limits"):
+                await admit(state, exchange, caller, early, body)
             cache_plan = cached.plan(state, "chat", early, body, headers, caller.tenant)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
@@ -65,16 +73,19 @@ async def handle(
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
         note_route(state, exchange, caller, route, body)
-        await admit(state, exchange, caller, route, body)
+        with tracing.span("limits"):
+            await admit(state, exchange, caller, route, body)
         deadline, client_set = request_deadline(state, route, headers)
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
         if early is None:
             cache_plan = cached.plan(state, "chat", route, body, headers, caller.tenant)
         if cache_plan is not None and cache_plan.read:
-            found = await cached.look_up(
-                state, cache_plan, exchange, deadline, l1_checked=early is not None
-            )
+            with tracing.span("cache.lookup", {"flywheel.route": route}) as span:
+                found = await cached.look_up(
+                    state, cache_plan, exchange, deadline, l1_checked=early is not None
+                )
+                set_attributes(span, {"flywheel.cache": found.tier or "miss"})
             if found.cached is not None and found.tier is not None:
                 usage = chat.wants_usage_in_stream
                 return cached.hit_response(
@@ -94,14 +105,19 @@ async def handle(
             )
             flight = None  # the stream releases it when it ends
             return await _stream(state, route, call, chat, exchange, deadline, client_set, fill)
+
+        def complete(t: Target) -> Awaitable[JSON]:
+            return provider_of(t.deployment.provider).complete(call(t))
+
         sent = time.perf_counter()
-        won = await state.dispatcher.run(
-            route,
-            lambda t: provider_of(t.deployment.provider).complete(call(t)),
-            deadline=deadline,
-            count=exchange.count,
-            client_deadline=client_set,
-        )
+        with tracing.span("route", {"flywheel.route": route}):
+            won = await state.dispatcher.run(
+                route,
+                traced_attempt(tracing, exchange, complete),
+                deadline=deadline,
+                count=exchange.count,
+                client_deadline=client_set,
+            )
         won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent
         exchange.target = won.target
@@ -151,14 +167,15 @@ async def _stream(
 
     sent = time.perf_counter()
     try:
-        won = await state.dispatcher.run(
-            route,
-            attempt,
-            deadline=deadline,
-            count=exchange.count,
-            discard=discard,
-            client_deadline=client_set,
-        )
+        with state.tracing.span("route", {"flywheel.route": route}):
+            won = await state.dispatcher.run(
+                route,
+                traced_attempt(state.tracing, exchange, attempt),
+                deadline=deadline,
+                count=exchange.count,
+                discard=discard,
+                client_deadline=client_set,
+            )
     except BaseException:
         if fill is not None:
             fill.close(complete=False)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Mapping
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from opentelemetry import trace
 
 from app.api import cached
 from app.api.admission import admit
@@ -17,6 +18,7 @@ from app.api.body import BodyReader, openapi_body, read_json_object, request_bod
 from app.api.calls import embed_call
 from app.api.exchange import Exchange
 from app.api.routing import request_deadline
+from app.api.traced import traced_attempt
 from app.cache.service import Flight
 from app.deps import StateDep, request_id
 from app.errors import GatewayError, InvalidRequestError
@@ -34,11 +36,15 @@ async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
     exchange = Exchange(rid, "embeddings")
+    tracing = state.tracing
+    if tracing.enabled:
+        exchange.span = trace.get_current_span()
     cache_plan: cached.CachePlan | None = None
     flight: Flight | None = None
     result: JSON | None = None
     try:
-        caller = await authenticate(state, headers)
+        with tracing.span("auth"):
+            caller = await authenticate(state, headers)
         length = headers.get("content-length")
         body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         req = validate(EMBEDDING_REQUEST, body)
@@ -48,10 +54,14 @@ async def handle(
             )
         deadline, client_set = request_deadline(state, req.model, headers)
         note_route(state, exchange, caller, req.model, body)
-        await admit(state, exchange, caller, req.model, body)
+        with tracing.span("limits"):
+            await admit(state, exchange, caller, req.model, body)
         cache_plan = cached.plan(state, "embeddings", req.model, body, headers, caller.tenant)
         if cache_plan is not None and cache_plan.read:
-            found = await cached.look_up(state, cache_plan, exchange, deadline, l1_checked=False)
+            with tracing.span("cache.lookup", {"flywheel.route": req.model}):
+                found = await cached.look_up(
+                    state, cache_plan, exchange, deadline, l1_checked=False
+                )
             if found.cached is not None and found.tier is not None:
                 return cached.hit_response(found.cached, found.tier, exchange, state, False, False)
             flight = found.flight
@@ -62,13 +72,14 @@ async def handle(
             return state.providers.get(target.deployment.provider).embed(call)
 
         sent = time.perf_counter()
-        won = await state.dispatcher.run(
-            req.model,
-            attempt,
-            deadline=deadline,
-            count=exchange.count,
-            client_deadline=client_set,
-        )
+        with tracing.span("route", {"flywheel.route": req.model}):
+            won = await state.dispatcher.run(
+                req.model,
+                traced_attempt(tracing, exchange, attempt),
+                deadline=deadline,
+                count=exchange.count,
+                client_deadline=client_set,
+            )
         won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent
         exchange.target = won.target

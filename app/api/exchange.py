@@ -6,8 +6,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Span
+
+from app.observability.tracing import mark_error, set_attributes, traceparent
 from app.ratelimit.limiter import Limiter
 from app.ratelimit.quota import Ticket
+from app.routing.config import DeploymentConfig
 from app.routing.router import Target
 from app.store.records import Recorder, RequestRecord
 
@@ -38,6 +42,9 @@ class Exchange:
     ticket: Ticket | None = None
     limiter: Limiter | None = None
     rate_headers: dict[str, str] | None = None
+    # The request's span, when tracing is on: the record's facts become its attributes,
+    # and the record carries its context to the worker that stores it.
+    span: Span | None = None
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -79,6 +86,11 @@ class Exchange:
         cost = 0.0
         if d is not None:
             cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
+        trace_id = None
+        extra: dict[str, Any] = {}
+        if self.span is not None and self.span.is_recording():
+            trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
+            extra["traceparent"] = parent
         if self.ticket is not None and self.limiter is not None:
             self._settle(self.ticket, self.limiter, status, usage, prompt + completion, cost)
         recorder.record(
@@ -108,8 +120,44 @@ class Exchange:
                 variant=self.variant,
                 error_type=error_type,
                 bodies=self._bodies(),
+                trace_id=trace_id,
+                extra=extra,
             )
         )
+
+    def _trace(
+        self,
+        status: int,
+        d: DeploymentConfig | None,
+        prompt: int,
+        completion: int,
+        finish_reason: str | None,
+        error_type: str | None,
+    ) -> tuple[str, str | None]:
+        assert self.span is not None
+        set_attributes(
+            self.span,
+            {
+                "gen_ai.operation.name": "chat"
+                if self.endpoint.startswith("chat")
+                else "embeddings",
+                "gen_ai.system": d.provider if d else None,
+                "gen_ai.request.model": self.route,
+                "gen_ai.response.model": d.model if d else None,
+                "gen_ai.usage.input_tokens": prompt,
+                "gen_ai.usage.output_tokens": completion,
+                "gen_ai.response.finish_reasons": [finish_reason] if finish_reason else None,
+                "flywheel.route": self.target.route if self.target else self.route,
+                "flywheel.deployment": d.name if d else None,
+                "flywheel.variant": self.variant,
+                "flywheel.cache": self.cache,
+                "flywheel.attempts": self.attempts,
+                "flywheel.request_id": self.request_id,
+                "error.type": error_type,
+            },
+        )
+        mark_error(self.span, status, error_type)
+        return format(self.span.get_span_context().trace_id, "032x"), traceparent()
 
     def _settle(
         self,

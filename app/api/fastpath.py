@@ -26,6 +26,7 @@ from app.api.body import BodyReader, receive_body
 from app.api.middleware import new_request_id
 from app.api.responses import EventStream
 from app.errors import GatewayError, error_response
+from app.observability.tracing import mark_error, set_attributes
 from app.state import AppState
 
 log = logging.getLogger("flywheel.http")
@@ -52,22 +53,40 @@ class Gateway(FastAPI):
         await super().__call__(scope, receive, send)
 
     async def _fast(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
-        rid = new_request_id(scope["path"])
         state: AppState = self.state.flywheel
+        headers = Headers(scope=scope)
+        # The span covers sending too: a stream's body (and its record) runs in it.
+        with state.tracing.server_span("POST " + scope["path"], headers) as span:
+            status = await self._answer(handler, state, headers, scope, receive, send)
+            if status is not None and span.is_recording():
+                attributes = {"http.request.method": "POST", "http.route": scope["path"]}
+                set_attributes(span, {**attributes, "http.response.status_code": status})
+                mark_error(span, status, None)
+
+    async def _answer(
+        self,
+        handler: Handler,
+        state: AppState,
+        headers: Headers,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> int | None:
+        rid = new_request_id(scope["path"])
         watcher = _DisconnectWatcher(receive)
         try:
             read = receive_body(receive, on_end=watcher.start)
-            response = await handler(state, rid, read, Headers(scope=scope))
+            response = await handler(state, rid, read, headers)
         except GatewayError as e:
             response = error_response(e)
         except ClientDisconnect:
-            return
+            return None
         except asyncio.CancelledError:
             if watcher.fired:
                 # The client left while the upstream was still working: it has been
                 # cancelled (the handler recorded it); nobody is left to answer.
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                return
+                return None
             raise
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
@@ -78,9 +97,10 @@ class Gateway(FastAPI):
             # The client left as the answer came: nobody to send it to.
             if isinstance(response, EventStream) and response.abandon is not None:
                 await response.abandon()
-            return
+            return None
         response.raw_headers.append((b"x-request-id", rid.encode()))
         await response(scope, receive, send)
+        return response.status_code
 
 
 class _DisconnectWatcher:

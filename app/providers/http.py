@@ -44,7 +44,12 @@ def upstream_url(base: str, path: str) -> URL:
     return URL(base.rstrip("/") + path)
 
 
-def make_session(*, max_connections: int, connect_timeout_s: float) -> aiohttp.ClientSession:
+def make_session(
+    *,
+    max_connections: int,
+    connect_timeout_s: float,
+    trace_configs: list[aiohttp.TraceConfig] | None = None,
+) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
@@ -59,6 +64,7 @@ def make_session(*, max_connections: int, connect_timeout_s: float) -> aiohttp.C
         raise_for_status=False,
         auto_decompress=True,
         trust_env=False,
+        trace_configs=trace_configs or None,
     )
 
 
