@@ -5,6 +5,7 @@ Built once in arq's `on_startup` and kept in arq's ctx dict under one typed key.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -15,6 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.observability.tracing import Tracing, make_tracing
 from app.store.db import make_engine
 
 CTX_KEY = "flywheel"
@@ -24,6 +26,7 @@ CTX_KEY = "flywheel"
 class WorkerContext:
     settings: Settings
     engine: AsyncEngine
+    tracing: Tracing
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
@@ -38,10 +41,16 @@ def get_context(ctx: dict[str, Any]) -> WorkerContext:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = Settings()
-    ctx[CTX_KEY] = WorkerContext(settings=settings, engine=make_engine(settings.database_dsn))
+    tracing = make_tracing(
+        settings.otel_service_name + "-worker", settings.otel_exporter_otlp_endpoint, None
+    )
+    ctx[CTX_KEY] = WorkerContext(
+        settings=settings, engine=make_engine(settings.database_dsn), tracing=tracing
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     wctx = ctx.get(CTX_KEY)
     if isinstance(wctx, WorkerContext):
         await wctx.engine.dispose()
+        await asyncio.to_thread(wctx.tracing.shutdown)  # flushes queued spans, bounded

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.observability.tracing import Tracing, context_of
 from app.store.rows import Rows, insert_rows, rows_of
 
 log = logging.getLogger("flywheel.consolidation")
@@ -73,6 +74,8 @@ class Consolidator:
     _next_claim: float = 0.0
     _failures: int = 0
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # With tracing on, each stored record gets a span in its request's trace.
+    tracing: Tracing | None = None
 
     @property
     def stream(self) -> str:
@@ -129,6 +132,7 @@ class Consolidator:
             # Never writable as they are: kept whole for an operator, not retried forever.
             log.error("%d request records set aside as unreadable", len(unreadable) + len(refused))
             await self._dead_letter([*unreadable, *refused], "unreadable")
+        started = time.time_ns()
         try:
             await insert_rows(self.engine, rows)
         except (SQLAlchemyError, OSError) as e:
@@ -137,10 +141,33 @@ class Consolidator:
                 self._own_pending = True  # retried from the pending list, in order
                 return -1
             await self._one_by_one(rows, records)
+        if self.tracing is not None and self.tracing.enabled:
+            self._trace(records, started)
         oldest = min((r["created_at"] for r in rows.requests), default=None)
         await self._ack(entries, len(rows.requests), oldest)
         self._recovered()
         return len(rows.requests)
+
+    def _trace(self, records: list[dict[str, Any]], started_ns: int) -> None:
+        """A span per stored record, in the trace of the request it records (the gateway
+        put the request's `traceparent` in it), covering the batch's write."""
+        assert self.tracing is not None
+        ended = time.time_ns()
+        for rec in records:
+            parent = context_of((rec.get("extra") or {}).get("traceparent"))
+            if parent is None:
+                continue
+            span = self.tracing.tracer.start_span(
+                "consolidate request",
+                context=parent,
+                start_time=started_ns,
+                attributes={
+                    "flywheel.request_id": str(rec.get("request_id")),
+                    "flywheel.batch_size": len(records),
+                    "flywheel.consumer": self.config.consumer,
+                },
+            )
+            span.end(end_time=ended)
 
     async def _next_entries(self) -> list[Entry]:
         batch = self.config.batch_size

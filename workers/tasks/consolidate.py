@@ -41,6 +41,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
             delay_s=s.flywheel_consolidate_delay_s,
             claim_idle_s=s.flywheel_consolidate_claim_idle_s,
         ),
+        tracing=wctx.tracing,
     )
     await consolidator.ensure_group()
     task = asyncio.create_task(consolidator.run(), name="flywheel-consolidator")

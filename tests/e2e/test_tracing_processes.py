@@ -1,0 +1,112 @@
+"""Tracing end to end with real processes: the gateway under uvicorn and an arq worker
+export OTLP (http/protobuf) to a fake collector on loopback. A request sent with a
+`traceparent` yields the gateway's spans (request, cache, routing, upstream attempt and
+the upstream HTTP call) in that trace, the fake upstream receives a `traceparent` of the
+same trace, and the worker's span for storing the request's record joins it too."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.conftest import BIN, ROOT, free_port, start_gateway, stop, wait_for
+from tests.fakes.otlp_collector import CollectedSpan, collected, otlp_collector
+from tests.fakes.server import FakeServer
+
+
+@pytest.fixture(scope="module")
+def traced_system(
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    database_url: str,
+    key_prefix: str,
+    openai_upstream: FakeServer,
+) -> Iterator[tuple[str, FakeServer]]:
+    tmp = tmp_path_factory.mktemp("tracing")
+    routes = tmp / "routes.yaml"
+    deployment = {
+        "name": "fake",
+        "provider": "openai_compatible",
+        "model": "gpt-fake",
+        "api_base": openai_upstream.url + "/v1",
+        "api_key_env": "OPENAI_API_KEY",
+    }
+    route = {"deployments": [deployment], "cache": {"mode": "on", "ttl_s": 60}}
+    routes.write_text(yaml.safe_dump({"routes": {"r1": route}}))
+    with otlp_collector() as collector:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "OTEL_"))},
+            "FLYWHEEL_CONFIG": str(routes),
+            "FLYWHEEL_VAR_DIR": str(tmp),
+            "FLYWHEEL_REDIS_PREFIX": f"{key_prefix}tr{uuid.uuid4().hex[:6]}:",
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            "OPENAI_API_KEY": "sk-e2e-trace-0123456789",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        }
+        log = (tmp / "processes.log").open("wb")
+        worker = subprocess.Popen(
+            [str(BIN / "arq"), "workers.main.WorkerSettings"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        port = free_port()
+        gateway = start_gateway(env, port, log, "--no-access-log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(url + "/health", proc=gateway)
+            yield url, collector
+        finally:
+            stop(gateway)
+            stop(worker)
+            log.close()
+
+
+def _wait_for_spans(
+    collector: FakeServer, trace_id: str, names: set[str], timeout_s: float = 20.0
+) -> list[CollectedSpan]:
+    deadline = time.monotonic() + timeout_s
+    spans: list[CollectedSpan] = []
+    while time.monotonic() < deadline:
+        spans = [s for s in collected(collector.state) if s.trace_id == trace_id]
+        if names <= {s.name for s in spans}:
+            return spans
+        time.sleep(0.2)
+    pytest.fail(f"spans {sorted(names - {s.name for s in spans})} never arrived")
+
+
+def test_one_trace_across_gateway_upstream_and_worker(
+    traced_system: tuple[str, FakeServer], openai_upstream: FakeServer
+) -> None:
+    url, collector = traced_system
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    text = f"trace across processes {uuid.uuid4().hex}"
+    resp = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "r1", "messages": [{"role": "user", "content": text}]},
+        headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    wanted = {"POST /v1/chat/completions", "cache.lookup", "route", "upstream fake"}
+    spans = _wait_for_spans(collector, trace_id, wanted | {"consolidate request"})
+    by_name = {s.name: s for s in spans}
+    assert by_name["POST /v1/chat/completions"].parent_id == parent_id
+    assert by_name["POST /v1/chat/completions"].service == "flywheel"
+    stored = by_name["consolidate request"]
+    assert stored.service == "flywheel-worker"
+    assert stored.attributes["flywheel.request_id"] == resp.json()["id"]
+    seen = next(s for s in openai_upstream.state.seen if text in str(s.body))
+    assert seen.headers["traceparent"].split("-")[1] == trace_id
+    # The exporter sends batches in the background: a request is not held up by it.
+    assert float(resp.headers["x-flywheel-overhead-ms"]) < 100
