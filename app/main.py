@@ -210,6 +210,6 @@ def __getattr__(name: str) -> Any:
         from app.observability.logging import configure_logging
 
         settings = Settings()
-        configure_logging(settings.flywheel_log_level)
+        configure_logging(settings.flywheel_log_level, json=settings.flywheel_env != "dev")
         return create_app(settings)
     raise AttributeError(name)

@@ -26,6 +26,7 @@ from app.api.body import BodyReader, receive_body
 from app.api.middleware import new_request_id
 from app.api.responses import EventStream
 from app.errors import GatewayError, error_response
+from app.observability.logging import REQUEST_ID
 from app.observability.tracing import mark_error, set_attributes
 from app.state import AppState
 
@@ -73,6 +74,7 @@ class Gateway(FastAPI):
         send: Send,
     ) -> int | None:
         rid = new_request_id(scope["path"])
+        REQUEST_ID.set(rid)  # for every line logged while serving it
         watcher = _DisconnectWatcher(receive)
         try:
             read = receive_body(receive, on_end=watcher.start)

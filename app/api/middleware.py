@@ -12,6 +12,7 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import GatewayError, error_response
+from app.observability.logging import REQUEST_ID
 
 log = logging.getLogger("flywheel.http")
 
@@ -33,6 +34,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = new_request_id(scope["path"])
+        REQUEST_ID.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode())
         started = False
