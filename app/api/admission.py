@@ -15,6 +15,7 @@ from app.api.auth import Caller
 from app.api.exchange import Exchange
 from app.errors import GatewayError, RateLimitError, ServiceUnavailableError
 from app.ratelimit.headers import meter_headers, retry_headers
+from app.ratelimit.limiter import OnRedisDown
 from app.ratelimit.quota import Ask, Decision, Quota
 from app.state import AppState
 
@@ -43,7 +44,7 @@ async def admit(
     exchange.limiter = state.limiter
 
 
-def _on_redis_down(state: AppState, route: str) -> Any:
+def _on_redis_down(state: AppState, route: str) -> OnRedisDown:
     config = state.router.routes.get(route)
     if config is not None and config.limits is not None and config.limits.on_redis_down:
         return config.limits.on_redis_down

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from opentelemetry import trace
 
 from app.api import cached
 from app.api.admission import admit
@@ -46,10 +45,8 @@ PATH = "/v1/chat/completions"
 async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
-    exchange = Exchange(rid, "chat.completions")
     tracing = state.tracing
-    if tracing.enabled:
-        exchange.span = trace.get_current_span()
+    exchange = Exchange(rid, "chat.completions", span=tracing.current_span())
     cache_plan: cached.CachePlan | None = None
     flight: Flight | None = None
     result: JSON | None = None

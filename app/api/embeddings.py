@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Mapping
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from opentelemetry import trace
 
 from app.api import cached
 from app.api.admission import admit
@@ -35,10 +34,8 @@ PATH = "/v1/embeddings"
 async def handle(
     state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
 ) -> Response:
-    exchange = Exchange(rid, "embeddings")
     tracing = state.tracing
-    if tracing.enabled:
-        exchange.span = trace.get_current_span()
+    exchange = Exchange(rid, "embeddings", span=tracing.current_span())
     cache_plan: cached.CachePlan | None = None
     flight: Flight | None = None
     result: JSON | None = None

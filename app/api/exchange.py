@@ -91,8 +91,7 @@ class Exchange:
         if self.span is not None and self.span.is_recording():
             trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
             extra["traceparent"] = parent
-        if self.ticket is not None and self.limiter is not None:
-            self._settle(self.ticket, self.limiter, status, usage, prompt + completion, cost)
+        self._settle(status, usage, prompt + completion, cost)
         recorder.record(
             RequestRecord(
                 request_id=self.request_id,
@@ -159,16 +158,12 @@ class Exchange:
         mark_error(self.span, status, error_type)
         return format(self.span.get_span_context().trace_id, "032x"), traceparent()
 
-    def _settle(
-        self,
-        ticket: Ticket,
-        limiter: Limiter,
-        status: int,
-        usage: dict[str, Any] | None,
-        tokens: int,
-        cost: float,
-    ) -> None:
-        self.ticket = None  # once
+    def _settle(self, status: int, usage: dict[str, Any] | None, tokens: int, cost: float) -> None:
+        """Settle the admission's reservation (if any), once, with what the answer used."""
+        ticket, limiter = self.ticket, self.limiter
+        if ticket is None or limiter is None:
+            return
+        self.ticket = None
         if usage:
             # An ensemble's answer names no one deployment, so its cost is not known
             # here: the reserved cost stands. A cache hit costs nothing.

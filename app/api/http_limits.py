@@ -143,7 +143,7 @@ class HttpLimits:
         if self._storage.incr(name, item.get_expiry()) <= item.amount:
             return None
         self.refused += 1
-        return self._refusal(item, scope_name, ip, "this address")
+        return _refusal(item, self._meter(item, scope_name, ip), "this address")
 
     def check_key(self, endpoint: str, key_id: str) -> Meter | None:
         """Count a request of a key without its own RPM; the meter for its headers.
@@ -151,23 +151,25 @@ class HttpLimits:
         item = self.items.per_key.get(endpoint)
         if item is None or not self.slowapi.enabled:
             return None
-        strategy = self.slowapi.limiter
-        if not strategy.hit(item, endpoint, key_id):
-            self.refused += 1
-            error = self._refusal(item, endpoint, key_id, "this API key")
-            wait = float(error.headers["retry-after-ms"]) / 1000
-            error.headers.update(meter_headers(Meter(item.amount, 0, wait), None))
-            raise error
-        stats = strategy.get_window_stats(item, endpoint, key_id)
+        admitted = self.slowapi.limiter.hit(item, endpoint, key_id)
+        meter = self._meter(item, endpoint, key_id)
+        if admitted:
+            return meter
+        self.refused += 1
+        error = _refusal(item, meter, "this API key")
+        error.headers.update(meter_headers(meter, None))
+        raise error
+
+    def _meter(self, item: RateLimitItem, scope: str, key: str) -> Meter:
+        stats = self.slowapi.limiter.get_window_stats(item, scope, key)
         return Meter(item.amount, stats.remaining, max(0.0, stats.reset_time - time.time()))
 
-    def _refusal(self, item: RateLimitItem, scope: str, key: str, who: str) -> RateLimitError:
-        stats = self.slowapi.limiter.get_window_stats(item, scope, key)
-        wait = max(0.0, stats.reset_time - time.time())
-        error = RateLimitError(
-            f"Rate limit reached for {who}: {item.amount} requests per "
-            f"{item.get_expiry()} s. Try again in {wait:.0f} s.",
-            code="rate_limit_exceeded",
-        )
-        error.headers.update(retry_headers(wait))
-        return error
+
+def _refusal(item: RateLimitItem, meter: Meter, who: str) -> RateLimitError:
+    error = RateLimitError(
+        f"Rate limit reached for {who}: {item.amount} requests per "
+        f"{item.get_expiry()} s. Try again in {meter.reset_s:.0f} s.",
+        code="rate_limit_exceeded",
+    )
+    error.headers.update(retry_headers(meter.reset_s))
+    return error

@@ -100,6 +100,11 @@ class Tracing:
         finally:
             otel_context.detach(token)
 
+    def current_span(self) -> Span | None:
+        """The span now current, when tracing is on (an exchange sets its attributes once
+        the answer is known); None when off."""
+        return trace.get_current_span() if self.enabled else None
+
     def client_trace_configs(self) -> list[aiohttp.TraceConfig]:
         """For the upstream session: a client span per upstream request, and our
         `traceparent` on it. None when tracing is off (no hooks at all)."""

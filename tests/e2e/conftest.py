@@ -71,6 +71,17 @@ def start_gateway(
     )
 
 
+def start_worker(env: dict[str, str], log: IO[bytes], *options: str) -> subprocess.Popen[bytes]:
+    """An arq worker as production runs it (`options` go before the settings path)."""
+    return subprocess.Popen(
+        [str(BIN / "arq"), *options, "workers.main.WorkerSettings"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 @dataclass
 class System:
     url: str
@@ -149,13 +160,7 @@ def system(
             "GEMINI_API_KEY": "gm-e2e-key",
         }
         log = (tmp / "gateway.log").open("wb")
-        worker = subprocess.Popen(
-            [str(BIN / "arq"), "workers.main.WorkerSettings"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        worker = start_worker(env, log)
         gateway = start_gateway(env, port, log, "--no-access-log")
         url = f"http://127.0.0.1:{port}"
         try:

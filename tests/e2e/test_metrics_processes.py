@@ -23,7 +23,7 @@ import yaml
 from arq.connections import RedisSettings, create_pool
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import BIN, ROOT, free_port, stop, wait_for
+from tests.e2e.conftest import ROOT, free_port, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -63,13 +63,7 @@ def rig(
     }
     log = tmp / "processes.log"
     with log.open("wb") as out:
-        worker = subprocess.Popen(
-            [str(BIN / "arq"), "workers.main.WorkerSettings"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        worker = start_worker(env, out)
         gateway = subprocess.Popen(
             [
                 *(sys.executable, "-m", "uvicorn", "app.main:app", "--workers", "2"),

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from app.config import normalise_database_url
 from app.store.db import make_engine
 from app.store.schema import RequestRow
-from tests.e2e.conftest import BIN, ROOT, free_port, stop, wait_for
+from tests.e2e.conftest import ROOT, free_port, start_worker, stop, wait_for
 
 REQUESTS = 1000
 DEAD_DB = "postgresql://127.0.0.1:1/nowhere"
@@ -44,13 +44,7 @@ class Rig:
 
     def worker(self, **env: str) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as log:
-            proc = subprocess.Popen(
-                [str(BIN / "arq"), "workers.main.WorkerSettings"],
-                env={**self.env, **env},
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            proc = start_worker({**self.env, **env}, log)
         self.workers.append(proc)
         return proc
 

@@ -43,12 +43,10 @@ from sqlalchemy import MetaData, select
 
 from app.config import normalise_database_url
 from app.store.db import make_engine
-from tests.e2e.conftest import BIN, ROOT, free_port, start_gateway, stop, wait_for
+from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wait_for
 from tests.fakes.server import FakeServer, FakeState, remember
 
 pytestmark = pytest.mark.e2e
-
-WORKER = "workers.main.WorkerSettings"
 
 MAX_BODY = 64 * 1024
 # What tests/fakes/openai_fake.py answers a request without a bearer token: a provider
@@ -354,13 +352,7 @@ def rig(
             **providers,
         }
         with (tmp_path / "worker.log").open("wb") as out:
-            worker = subprocess.Popen(
-                [str(BIN / "arq"), "--custom-log-dict", f"{__name__}.WORKER_LOGGING", WORKER],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            worker = start_worker(env, out, "--custom-log-dict", f"{__name__}.WORKER_LOGGING")
         with (tmp_path / "gateway.log").open("wb") as out:
             # With the access log: the most output there is to search.
             gateway = start_gateway(env, port, out, "--log-level", "debug")

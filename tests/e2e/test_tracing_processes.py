@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.conftest import BIN, ROOT, free_port, start_gateway, stop, wait_for
+from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wait_for
 from tests.fakes.otlp_collector import CollectedSpan, collected, otlp_collector
 from tests.fakes.server import FakeServer
 
@@ -53,13 +52,7 @@ def traced_system(
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
         }
         log = (tmp / "processes.log").open("wb")
-        worker = subprocess.Popen(
-            [str(BIN / "arq"), "workers.main.WorkerSettings"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        worker = start_worker(env, log)
         port = free_port()
         gateway = start_gateway(env, port, log, "--no-access-log")
         url = f"http://127.0.0.1:{port}"
