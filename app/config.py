@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "staging", "prod"]
 Policy = Literal["cost_optimized", "balanced", "quality_optimized"]
+PII_KINDS = ("email", "phone", "card", "national_id")
 
 # Provider keys the gateway knows by their usual names. A deployment may name any
 # other variable in `api_key_env`; those are looked up in the process environment.
@@ -97,6 +98,25 @@ class Settings(BaseSettings):
     flywheel_snapshot_interval_h: float = Field(default=6.0, gt=0)
     flywheel_snapshot_keep: int = Field(default=10, gt=0)
     flywheel_snapshot_cache_entries: int = Field(default=1000, ge=0)
+    # Observability. PII kinds masked (email, phone, card, national_id) wherever content
+    # is logged, traced, sent to LangSmith or stored; a route may set its own. Secrets
+    # (API-key-like strings) are always masked.
+    flywheel_redact_pii: str = "email,phone,card,national_id"  # comma-separated; "" none
+    flywheel_access_log: bool = True  # one line per request, with its record's facts
+    flywheel_access_log_bodies: bool = False  # and bodies (routes that keep them), masked
+    flywheel_metrics_token: SecretStr | None = None  # GET /metrics wants this bearer token
+    # LangSmith runs carry the request's messages and answer ("redacted") or no content.
+    flywheel_langsmith_content: Literal["redacted", "none"] = "redacted"
+    flywheel_langsmith_queue: int = Field(default=10_000, gt=0)
+    # Anomaly detection (worker): every interval, each deployment's last window against
+    # its baseline; alerts de-duplicated per (subject, kind) for the cooldown.
+    flywheel_alert_interval_s: float = Field(default=30.0, gt=0)
+    flywheel_alert_window_s: float = Field(default=300.0, gt=0)
+    flywheel_alert_baseline_s: float = Field(default=3600.0, gt=0)
+    flywheel_alert_min_samples: int = Field(default=20, gt=0)
+    flywheel_alert_cooldown_s: float = Field(default=900.0, ge=0)
+    flywheel_alert_webhook_url: SecretStr | None = None
+    flywheel_alert_webhook_retries: int = Field(default=3, ge=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -118,6 +138,7 @@ class Settings(BaseSettings):
     langsmith_tracing: bool = False
     langsmith_api_key: SecretStr | None = None
     langsmith_project: str | None = None
+    langsmith_endpoint: str | None = None
 
     @field_validator(
         "redis_url",
@@ -129,6 +150,9 @@ class Settings(BaseSettings):
         "otel_exporter_otlp_endpoint",
         "langsmith_api_key",
         "langsmith_project",
+        "langsmith_endpoint",
+        "flywheel_metrics_token",
+        "flywheel_alert_webhook_url",
         *PROVIDER_KEY_FIELDS,
         mode="before",
     )
@@ -149,6 +173,14 @@ class Settings(BaseSettings):
             parse(value)
         except ValueError as e:
             raise ValueError(f"{value!r} is not a rate limit such as '100/minute'") from e
+        return value
+
+    @field_validator("flywheel_redact_pii")
+    @classmethod
+    def _pii_kinds(cls, value: str) -> str:
+        unknown = set(pii_kinds(value)) - set(PII_KINDS)
+        if unknown:
+            raise ValueError(f"unknown PII kinds {sorted(unknown)}; known: {PII_KINDS}")
         return value
 
     @model_validator(mode="after")
@@ -208,3 +240,8 @@ def normalise_database_url(url: str) -> str:
     if url.startswith("sqlite:///"):
         return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     return url
+
+
+def pii_kinds(value: str) -> tuple[str, ...]:
+    """`FLYWHEEL_REDACT_PII`'s kinds: "email, card" -> ("email", "card")."""
+    return tuple(k.strip() for k in value.split(",") if k.strip())

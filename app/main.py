@@ -26,8 +26,9 @@ from app.api.http_limits import HttpLimits
 from app.api.middleware import RequestIdMiddleware
 from app.auth.resolver import KeyService
 from app.cache.service import make_cache
-from app.config import Settings
+from app.config import Settings, pii_kinds
 from app.errors import install_error_handlers
+from app.observability.access_log import AccessLog
 from app.observability.limit_metrics import LimitsCollector
 from app.observability.metrics import (
     CountedRecorder,
@@ -35,6 +36,7 @@ from app.observability.metrics import (
     make_metrics,
     multiprocess_dir,
 )
+from app.observability.redact import Redactors
 from app.observability.tracing import Tracing, make_tracing
 from app.providers.http import make_session
 from app.providers.registry import ProviderRegistry
@@ -71,12 +73,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     redis = make_redis(settings)
     requests = RequestCounter(routes.routes)  # flywheel_requests_total, as recorded
+    access = AccessLog(bodies=settings.flywheel_access_log_bodies)
+    if settings.flywheel_access_log:
+        access.start()
     recorder = CountedRecorder(
         redis,
         key(settings, "requests"),
         capacity=settings.flywheel_records_buffer,
         maxlen=settings.flywheel_records_stream_maxlen,
         interval_s=settings.flywheel_records_interval_s,
+        redactors=app.state.redactors,
+        access=access if settings.flywheel_access_log else None,
         counter=requests,
     )
     recorder.start()
@@ -154,6 +161,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tokens.close()
         await cache.stop()
         await recorder.stop()
+        await access.stop()
         gateway_metrics.close()  # after the last record is counted
         await http.close()
         if redis is not None:
@@ -188,15 +196,19 @@ def create_app(
     # and a path is served as spelled or not at all.
     app = Gateway(title="Flywheel", version=VERSION, lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
+    # Loaded here, not in the lifespan, so a bad routes file fails before serving.
+    app.state.routes = routes = routes or load_routes(settings)
+    app.state.redactors = redactors = Redactors(
+        pii_kinds(settings.flywheel_redact_pii),
+        {name: route.redact for name, route in routes.routes.items()},
+    )
     tracing = make_tracing(
-        settings.otel_service_name, settings.otel_exporter_otlp_endpoint, span_exporter
+        settings.otel_service_name, settings.otel_exporter_otlp_endpoint, span_exporter, redactors
     )
     app.state.tracing = tracing
     if tracing.provider is not None:
         # The FastAPI-routed endpoints; the fast path makes its own server span.
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider)
-    # Loaded here, not in the lifespan, so a bad routes file fails before serving.
-    app.state.routes = routes or load_routes(settings)
     install_error_handlers(app)
     for module in (chat, embeddings, models, health, admin, keys, metrics):
         app.include_router(module.router)

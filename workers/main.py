@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from arq.connections import RedisSettings
 
 from app.config import Settings
+from app.observability.logging import configure_logging
 from workers.context import shutdown, startup
 from workers.tasks import consolidate, heartbeat, maintenance, metrics, snapshots
 
@@ -20,6 +21,9 @@ TASK_MODULES: tuple[Any, ...] = (heartbeat, consolidate, metrics, maintenance, s
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
+    # arq's command line set up a handler of its own; the worker's lines get the
+    # gateway's format (JSON outside dev), request ids and masking.
+    configure_logging(_settings.flywheel_log_level, json=_settings.flywheel_env != "dev")
     await startup(ctx)
     for module in TASK_MODULES:
         hook = getattr(module, "on_startup", None)

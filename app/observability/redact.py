@@ -1,4 +1,4 @@
-"""PII and secret redaction: applied to anything stored (and, later, logged or traced).
+"""PII and secret redaction: applied to anything logged, traced, sent to LangSmith or stored.
 
 Masks e-mail addresses, phone numbers, payment card numbers (only digit runs that pass
 the Luhn check, so order numbers and timestamps survive), national ID patterns (US SSN,
@@ -10,7 +10,7 @@ Pure CPU: callers with large payloads run it in a thread.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 # Bounded repeats and a start that cannot be inside a longer local part: an unbounded
@@ -64,29 +64,77 @@ def _phone(match: re.Match[str]) -> str:
     return "[PHONE]" if 7 <= digits <= 15 else match.group(0)
 
 
-_RULES: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+Rule = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
+# Always applied: a key in a prompt or an error is never wanted anywhere.
+_SECRETS: tuple[Rule, ...] = (
     (_SECRET, "[SECRET]"),
     (_BEARER, lambda m: f"{m.group(1)}{m.group(2)}[SECRET]"),
-    (_EMAIL, "[EMAIL]"),
-    (_CARD, _card),  # before phones: a card number also looks like digit groups
-    (_SSN, "[NATIONAL_ID]"),
-    (_NINO, "[NATIONAL_ID]"),
-    (_PHONE, _phone),
 )
+# By kind, in this order: a card number also looks like digit groups (phones last).
+_PII: tuple[tuple[str, Rule], ...] = (
+    ("email", (_EMAIL, "[EMAIL]")),
+    ("card", (_CARD, _card)),
+    ("national_id", (_SSN, "[NATIONAL_ID]")),
+    ("national_id", (_NINO, "[NATIONAL_ID]")),
+    ("phone", (_PHONE, _phone)),
+)
+PII_KINDS = ("email", "phone", "card", "national_id")
+
+
+class Redactor:
+    """Masks secrets always and the PII kinds it was made with (a route's choice)."""
+
+    __slots__ = ("_rules", "kinds")
+
+    def __init__(self, kinds: Iterable[str] = PII_KINDS) -> None:
+        self.kinds = frozenset(kinds)
+        unknown = self.kinds - set(PII_KINDS)
+        if unknown:
+            raise ValueError(f"unknown PII kinds: {sorted(unknown)}")
+        self._rules = _SECRETS + tuple(rule for kind, rule in _PII if kind in self.kinds)
+
+    def text(self, text: str) -> str:
+        for pattern, replacement in self._rules:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """A copy of a JSON-like value with every string redacted (keys kept as they are)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+
+class Redactors:
+    """Each route's redactor (its `redact:` list), else the process default."""
+
+    __slots__ = ("_routes", "default")
+
+    def __init__(
+        self,
+        default: Iterable[str] = PII_KINDS,
+        routes: Mapping[str, Iterable[str] | None] | None = None,
+    ) -> None:
+        self.default = Redactor(default)
+        self._routes = {n: Redactor(k) for n, k in (routes or {}).items() if k is not None}
+
+    def of(self, route: str | None) -> Redactor:
+        if route is None:
+            return self.default
+        return self._routes.get(route, self.default)
+
+
+# Everything masked: for text with no route to choose for it (log lines, errors).
+FULL = Redactor()
 
 
 def redact_text(text: str) -> str:
-    for pattern, replacement in _RULES:
-        text = pattern.sub(replacement, text)
-    return text
+    return FULL.text(text)
 
 
 def redact(value: Any) -> Any:
-    """A copy of a JSON-like value with every string redacted (keys kept as they are)."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    return FULL.value(value)

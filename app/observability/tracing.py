@@ -30,6 +30,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from app.observability.redact import Redactors
+from app.observability.span_redaction import RedactingExporter
+
 QUEUE = 4096
 BATCH = 512
 DELAY_MS = 1000
@@ -147,11 +150,18 @@ def _clean(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in attributes.items() if v is not None}
 
 
-def make_tracing(service: str, otlp_endpoint: str | None, exporter: SpanExporter | None) -> Tracing:
+def make_tracing(
+    service: str,
+    otlp_endpoint: str | None,
+    exporter: SpanExporter | None,
+    redactors: Redactors | None = None,
+) -> Tracing:
     """Tracing for a process: the exporter given (tests), else OTLP over http/protobuf to
-    `OTEL_EXPORTER_OTLP_ENDPOINT` when set, else off."""
+    `OTEL_EXPORTER_OTLP_ENDPOINT` when set, else off. Spans are redacted as exported."""
     if exporter is None and otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=otlp_endpoint.rstrip("/") + "/v1/traces", timeout=5)
+    if exporter is not None:
+        exporter = RedactingExporter(exporter, redactors or Redactors())
     return Tracing(service, exporter)

@@ -150,6 +150,9 @@ class RouteConfig(_Strict):
     cache: CacheConfig | None = None
     bodies: BodiesConfig | None = None
     limits: LimitsConfig | None = None
+    # PII kinds masked in this route's logs, traces, LangSmith runs and stored bodies
+    # (unset: FLYWHEEL_REDACT_PII). Secrets are masked whatever this says.
+    redact: list[Literal["email", "phone", "card", "national_id"]] | None = None
 
     @model_validator(mode="after")
     def _deployments_or_ensemble(self) -> RouteConfig:

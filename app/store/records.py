@@ -16,26 +16,31 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.observability.redact import redact
+from app.observability.redact import Redactors
+
+if TYPE_CHECKING:  # the access log renders these records
+    from app.observability.access_log import AccessLog
 
 log = logging.getLogger("flywheel.records")
 
 # Stream entries are batches, so this bounds Redis at roughly this many intervals.
 STREAM_MAXLEN = 50_000
 BATCH_MAX = 1000
+_ALL = Redactors()
 
 
-def encode_batch(batch: list[RequestRecord]) -> bytes:
-    """The stream entry of a batch; bodies (rare: only routes that opt in) redacted."""
+def encode_batch(batch: list[RequestRecord], redactors: Redactors = _ALL) -> bytes:
+    """The stream entry of a batch; bodies (rare: only routes that opt in) redacted, each
+    by its route's redactor."""
     for rec in batch:
         if rec.bodies is not None and not rec.bodies.get("redacted"):
-            rec.bodies = {**redact(rec.bodies), "redacted": True}
+            rec.bodies = {**redactors.of(rec.route).value(rec.bodies), "redacted": True}
     return orjson.dumps(batch)
 
 
@@ -89,8 +94,12 @@ class Recorder:
         capacity: int = 50_000,
         interval_s: float = 0.05,
         maxlen: int = STREAM_MAXLEN,
+        redactors: Redactors = _ALL,
+        access: AccessLog | None = None,
     ) -> None:
         self._redis = redis
+        self._access = access
+        self._redactors = redactors
         self._stream = stream_key
         self._capacity = capacity
         self._interval_s = interval_s
@@ -103,6 +112,8 @@ class Recorder:
         self.shipped = 0
 
     def record(self, rec: RequestRecord) -> None:
+        if self._access is not None:
+            self._access.add(rec)
         if self._redis is None:
             # No Redis configured at all: there is nowhere to ship to, so keep nothing.
             self.dropped += 1
@@ -155,7 +166,7 @@ class Recorder:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), BATCH_MAX))]
             if any(rec.bodies is not None for rec in batch):
                 # Redaction is regex work over whole bodies: not on the event loop.
-                payload = await asyncio.to_thread(encode_batch, batch)
+                payload = await asyncio.to_thread(encode_batch, batch, self._redactors)
             else:
                 payload = orjson.dumps(batch)
             try:
