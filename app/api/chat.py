@@ -189,6 +189,7 @@ async def _stream(
         recorder=state.recorder,
         lease=won.lease,
         fill=fill,
+        tracing=state.tracing,
     )
 
     async def abandon() -> None:

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
+from opentelemetry.trace import Span
 
 from app.api.exchange import Exchange
 from app.errors import GatewayError, UpstreamError
+from app.observability.tracing import NO_SPAN, Tracing, mark_error, set_attributes
 from app.providers.mock import estimate_tokens, prompt_tokens
 from app.routing.dispatch import Lease
 from app.routing.failures import Failure
@@ -80,7 +82,10 @@ async def sse_body(
     recorder: Recorder,
     lease: Lease,
     fill: StreamSink | None = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[bytes]:
+    span = NO_SPAN if tracing is None else tracing.open_span("stream", exchange.span)
+    chunks = 0
     tally = _Tally()
     wants_usage = request.wants_usage_in_stream
     status, error_code, complete, disconnected = 200, None, False, False
@@ -99,6 +104,7 @@ async def sse_body(
                     chunk = await anext(upstream, None)
                     continue
             yield sse(chunk)
+            chunks += 1
             chunk = await anext(upstream, None)
         complete = True
         yield DONE
@@ -140,8 +146,33 @@ async def sse_body(
             disconnected=disconnected,
             usage_estimated=estimated,
         )
+        if span.is_recording():
+            _end_span(span, chunks, complete, disconnected, tally.finish, status, error_type)
         if not complete:
             # Normally the upstream generator is already finished by the exception that
             # ended us; if we were closed between chunks, close it so its connection goes.
             with contextlib.suppress(BaseException):
                 await upstream.aclose()  # type: ignore[attr-defined]
+
+
+def _end_span(
+    span: Span,
+    chunks: int,
+    complete: bool,
+    disconnected: bool,
+    finish: str | None,
+    status: int,
+    error_type: str | None,
+) -> None:
+    set_attributes(
+        span,
+        {
+            "flywheel.stream.chunks": chunks,
+            "flywheel.stream.complete": complete,
+            "flywheel.client_disconnected": disconnected,
+            "gen_ai.response.finish_reasons": [finish] if finish else None,
+            "error.type": error_type,
+        },
+    )
+    mark_error(span, status if complete or not disconnected else 499, error_type)
+    span.end()

@@ -38,6 +38,7 @@ BATCH = 512
 DELAY_MS = 1000
 PROPAGATOR = TraceContextTextMapPropagator()
 _OFF = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+NO_SPAN: Span = _OFF  # what spans are when tracing is off
 _NULL = contextlib.nullcontext(_OFF)
 
 
@@ -84,6 +85,17 @@ class Tracing:
         return self.tracer.start_as_current_span(
             name, kind=kind, attributes=_clean(attributes), record_exception=True
         )
+
+    def open_span(
+        self, name: str, parent: Span | None, attributes: Mapping[str, Any] | None = None
+    ) -> Span:
+        """A child of `parent` that is not made current, for work that outlives the
+        block it starts in (a stream's body runs across yields, where attaching a
+        context and detaching it again is not safe); the caller ends it."""
+        if not self.enabled or parent is None:
+            return _OFF
+        ctx = trace.set_span_in_context(parent)
+        return self.tracer.start_span(name, context=ctx, attributes=_clean(attributes))
 
     def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[Span]:
         """The request's span, a child of the caller's `traceparent` when it sent one."""
