@@ -38,6 +38,8 @@ FAST: dict[str, Handler] = {chat.PATH: chat.handle, embeddings.PATH: embeddings.
 
 
 class Gateway(FastAPI):
+    in_flight = 0  # requests in the fast path now (flywheel_requests_in_flight)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             # Per client address, before anything else (authentication included), for
@@ -56,13 +58,17 @@ class Gateway(FastAPI):
     async def _fast(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         state: AppState = self.state.flywheel
         headers = Headers(scope=scope)
-        # The span covers sending too: a stream's body (and its record) runs in it.
-        with state.tracing.server_span("POST " + scope["path"], headers) as span:
-            status = await self._answer(handler, state, headers, scope, receive, send)
-            if status is not None and span.is_recording():
-                attributes = {"http.request.method": "POST", "http.route": scope["path"]}
-                set_attributes(span, {**attributes, "http.response.status_code": status})
-                mark_error(span, status, None)
+        self.in_flight += 1
+        try:
+            # The span covers sending too: a stream's body (and its record) runs in it.
+            with state.tracing.server_span("POST " + scope["path"], headers) as span:
+                status = await self._answer(handler, state, headers, scope, receive, send)
+                if status is not None and span.is_recording():
+                    attributes = {"http.request.method": "POST", "http.route": scope["path"]}
+                    set_attributes(span, {**attributes, "http.response.status_code": status})
+                    mark_error(span, status, None)
+        finally:
+            self.in_flight -= 1
 
     async def _answer(
         self,

@@ -1,28 +1,31 @@
 """GET /metrics (Prometheus exposition), /metrics/cache, /metrics/history, /metrics/summary.
 
-Like /metrics, which Prometheus scrapes without credentials, none of these needs the
-master key: they hold counts, latencies and names from the routes file, never prompts,
-keys or tenants' data. Keep the gateway's `/metrics*` paths on the private network, as
-for any Prometheus endpoint. Nothing here writes to the database; the history and the
-summary's latest point read it within a short timeout, so a database that is down gives
-a 503 (history) or a null point (summary) quickly, never a hang.
+They hold counts, latencies, costs and names from the routes file, never prompts, keys or
+tenants' data. With FLYWHEEL_METRICS_TOKEN unset they are open, as Prometheus endpoints
+usually are: keep the gateway's `/metrics*` paths on the private network. With it set,
+every one of them wants `Authorization: Bearer <token>` (the master key also does, for
+operators), else a 401; Prometheus sends it with `authorization: {credentials: …}` (or
+`bearer_token`) in the scrape config. Nothing here writes to the database; the history
+and the summary's latest point read it within a short timeout, so a database that is down
+gives a 503 (history) or a null point (summary) quickly, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from app.deps import StateDep
-from app.errors import ServiceUnavailableError
+from app.errors import AuthenticationError, ServiceUnavailableError
 from app.observability.metrics import GatewayMetrics
 from app.observability.queue_metrics import consolidation_exposition
 from app.state import AppState
@@ -30,11 +33,38 @@ from app.store.consolidation import consolidation_status
 from app.store.db import DB_ERRORS
 from app.store.metrics_history import latest_total, read_history
 
-router = APIRouter(tags=["metrics"])
-
 HISTORY_TIMEOUT_S = 3.0
 SUMMARY_DB_TIMEOUT_S = 1.0
 QUEUE_TIMEOUT_S = 0.5
+
+
+async def require_metrics_token(request: Request, state: StateDep) -> None:
+    """With FLYWHEEL_METRICS_TOKEN set: its bearer token, or the master key; else 401."""
+    token = state.settings.flywheel_metrics_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        raise _unauthorized("missing_api_key")
+    presented = given.encode()
+    accepted = [token, state.settings.flywheel_master_key]
+    # Every secret is compared, so the time taken does not tell which one came close.
+    matches = [hmac.compare_digest(presented, s.get_secret_value().encode()) for s in accepted if s]
+    if not any(matches):
+        raise _unauthorized("invalid_api_key")
+
+
+def _unauthorized(code: str) -> AuthenticationError:
+    # What was presented is never echoed: it would land in scrapers' logs.
+    return AuthenticationError(
+        "the /metrics endpoints want the metrics token as `Authorization: Bearer <token>`",
+        code=code,
+        headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+    )
+
+
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_metrics_token)])
 
 
 @router.get("/metrics")

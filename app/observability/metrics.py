@@ -1,10 +1,11 @@
 """Prometheus metrics: GET /metrics.
 
 Everything is kept as plain numbers in the process and read at scrape time by collectors,
-so keeping it costs nothing per request: routing state (breakers, concurrency limits,
-hedges), the cache's counters, and the requests answered (`flywheel_requests_total` by
-route, status class and cache tier: one dict increment as the request is recorded). The
-registry belongs to the app, not the module, so several apps (tests) do not collide.
+so keeping it costs next to nothing per request: routing state (breakers, concurrency
+limits, hedges), the cache's counters, the limiter's decisions, and the requests answered
+with their latency, time to first token, tokens, cost and retries (request_metrics.py:
+a few additions as each request is recorded). The registry belongs to the app, not the
+module, so several apps (tests) do not collide.
 
 Several worker processes (`uvicorn --workers N`): each has its own router, cache and
 counters, and a scrape reaches one of them at random, so per-process numbers would jump
@@ -18,7 +19,7 @@ imported) the exposition uses prometheus_client's multiprocess mode:
   reads, in a thread, off the event loop);
 - counters are mirrored as increments and summed over every process that has run since
   the directory was emptied: a process that exits keeps its counts, so no counter ever
-  goes backwards;
+  goes backwards; histograms likewise, bucket by bucket and their sums;
 - gauges use prometheus_client's "live" modes, so a process that exits stops counting
   (it deletes its gauge files at shutdown; a starting process deletes those of processes
   no longer alive, e.g. killed). In-flight requests, concurrency limits and L1 entries and
@@ -38,13 +39,14 @@ import glob
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
     values,
 )
@@ -54,14 +56,23 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from app.cache.service import ResponseCache
+from app.observability.request_metrics import RequestCounter
 from app.routing.dispatch import Dispatcher
 from app.store.records import Recorder, RequestRecord
+
+__all__ = [
+    "CountedRecorder",
+    "GatewayMetrics",
+    "RequestCounter",
+    "make_metrics",
+    "multiprocess_dir",
+]
 
 log = logging.getLogger("flywheel.metrics")
 
 CIRCUIT_STATES = ("closed", "half_open", "open")
 MIRROR_INTERVAL_S = 1.0
-UNKNOWN_ROUTE = "other"  # a `model` no route answers to: clients choose it, so not a label
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
 # Multiprocess aggregation of the gauges; the rest are summed ("livesum").
 GAUGE_MODES = {"flywheel_cache_l2_up": "livemin", "flywheel_limiter_redis_up": "livemin"}
 
@@ -138,73 +149,34 @@ class CacheCollector(Collector):
             )
 
 
-class RequestCounter:
-    """Requests answered, by route, status class and cache tier.
-
-    The request path only bumps a dict entry keyed by the raw (route, status, tier): about
-    0.2 µs a request, the recorder's override included (timeit). Labels are made at read
-    time. A route is kept only if the routes file has it (else None, shown as "other"), so
-    clients inventing `model` names grow nothing.
-    """
-
-    __slots__ = ("_counts", "_routes")
-
-    def __init__(self, routes: Iterable[str]) -> None:
-        self._routes = frozenset(routes)
-        self._counts: dict[tuple[str | None, int, str], int] = {}
-
-    def count(self, route: str | None, status: int, cache: str) -> None:
-        key = (route if route in self._routes else None, status, cache)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
-
-    @property
-    def counts(self) -> dict[tuple[str, str, str], int]:
-        """By (route, status class, cache tier), as labelled in `flywheel_requests_total`."""
-        out: dict[tuple[str, str, str], int] = {}
-        for (route, status, cache), n in list(self._counts.items()):
-            key = (route or UNKNOWN_ROUTE, f"{status // 100}xx", cache)
-            out[key] = out.get(key, 0) + n
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())
-
-    def by(self, position: int) -> dict[str, int]:
-        """Totals by one label: 0 route, 1 status class, 2 cache tier."""
-        out: dict[str, int] = {}
-        for key, n in self.counts.items():
-            out[key[position]] = out.get(key[position], 0) + n
-        return out
-
-
 class CountedRecorder(Recorder):
-    """The request recorder, counting every record for `flywheel_requests_total` first."""
+    """The request recorder, counting every record for the request metrics first."""
 
     def __init__(self, *args: Any, counter: RequestCounter, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.counter = counter
 
     def record(self, rec: RequestRecord) -> None:
-        self.counter.count(rec.route, rec.status, rec.cache)
+        self.counter.observe(rec)
         super().record(rec)
 
 
 class GatewayCollector(Collector):
-    def __init__(self, requests: RequestCounter) -> None:
+    def __init__(
+        self, requests: RequestCounter, in_flight: Callable[[], int] | None = None
+    ) -> None:
         self._requests = requests
+        self._in_flight = in_flight
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "flywheel_requests",
-            "Requests answered, by route, status class and cache tier",
-            labels=["route", "status", "cache"],
-        )
-        for key, n in self._requests.counts.items():
-            family.add_metric(list(key), n)
-        yield family
+        yield from self._requests.families()
         yield GaugeMetricFamily("flywheel_gateway_processes", "Gateway processes", value=1)
+        if self._in_flight is not None:
+            yield GaugeMetricFamily(
+                "flywheel_requests_in_flight",
+                "Chat and embeddings requests being served (streams until their end)",
+                value=self._in_flight(),
+            )
 
 
 class Mirror:
@@ -213,11 +185,16 @@ class Mirror:
     def __init__(self, collectors: Sequence[Collector]) -> None:
         self._collectors = collectors
         self._metrics: dict[str, Counter | Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._last_histograms: dict[tuple[str, Labels], tuple[list[float], float]] = {}
 
     def sync(self) -> None:
         for collector in self._collectors:
             for family in collector.collect():
+                if family.type == "histogram":
+                    self._write_histograms(family)
+                    continue
                 for sample in family.samples:
                     self._write(family, sample)
 
@@ -238,6 +215,57 @@ class Mirror:
             child.set(sample.value)
         self._last[key] = sample.value
 
+    def _write_histograms(self, family: Metric) -> None:
+        """Each labelled histogram's growth since last time, bucket by bucket.
+
+        The files hold a histogram as per-bucket counts (not cumulative) and a sum, which
+        MultiProcessCollector adds up over the processes; so the cumulative buckets the
+        collector shows are turned back into per-bucket counts and mirrored, like the
+        counters, as increments."""
+        cumulative: dict[Labels, list[tuple[float, float]]] = {}
+        sums: dict[Labels, float] = {}
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            if sample.name.endswith("_bucket"):
+                le = float(sample.labels["le"])
+                cumulative.setdefault(labels, []).append((le, sample.value))
+            elif sample.name.endswith("_sum"):
+                sums[labels] = sample.value
+        for labels, buckets in cumulative.items():
+            buckets.sort()
+            running = [c for _, c in buckets]
+            counts = [c - before for c, before in zip(running, [0.0, *running[:-1]], strict=True)]
+            bounds = tuple(le for le, _ in buckets)
+            self._grow_histogram(family, labels, bounds, counts, sums.get(labels, 0.0))
+
+    def _grow_histogram(
+        self,
+        family: Metric,
+        labels: Labels,
+        bounds: tuple[float, ...],
+        counts: list[float],
+        total: float,
+    ) -> None:
+        key = (family.name, labels)
+        last_counts, last_total = self._last_histograms.get(key, ([0.0] * len(counts), 0.0))
+        if last_counts == counts and last_total == total:
+            return
+        metric = self._histograms.get(family.name)
+        if metric is None:
+            names = [name for name, _ in labels]
+            metric = Histogram(
+                family.name, family.documentation, names, registry=None, buckets=bounds
+            )
+            self._histograms[family.name] = metric
+        child = metric.labels(*(value for _, value in labels)) if labels else metric
+        cells, sum_cell = _histogram_cells(child)
+        for cell, now, before in zip(cells, counts, last_counts, strict=True):
+            if now > before:
+                cell.inc(now - before)
+        if total > last_total:
+            sum_cell.inc(total - last_total)
+        self._last_histograms[key] = (counts, total)
+
     def _metric(self, family: Metric, names: tuple[str, ...]) -> Counter | Gauge:
         metric = self._metrics.get(family.name)
         if metric is None:
@@ -254,6 +282,21 @@ class Mirror:
                 )
             self._metrics[family.name] = metric
         return metric
+
+
+class _Cell(Protocol):
+    def inc(self, amount: float) -> None: ...
+
+
+def _histogram_cells(child: Histogram) -> tuple[Sequence[_Cell], _Cell]:
+    """The values a Histogram child keeps for its buckets (+Inf last) and its sum.
+
+    prometheus_client adds to a histogram only through `observe`, one value at a time, but
+    the mirror has counts per bucket and a sum to add: it adds them to the child's values
+    directly. In multiprocess mode each is a cell of this process's histogram file, per
+    bucket, not cumulative (what `observe` does too). Private attributes, kept to here.
+    """
+    return child._buckets, child._sum
 
 
 def _forget_dead_processes(path: str) -> None:
@@ -337,11 +380,12 @@ def make_metrics(
     requests: RequestCounter,
     multiproc_dir: str | None = None,
     extra: Sequence[Collector] = (),
+    in_flight: Callable[[], int] | None = None,
 ) -> GatewayMetrics:
     collectors = [
         RoutingCollector(dispatcher),
         CacheCollector(cache),
-        GatewayCollector(requests),
+        GatewayCollector(requests, in_flight),
         *extra,
     ]
     return GatewayMetrics(collectors, multiproc_dir, requests)

@@ -37,6 +37,7 @@ class Rig:
     log: Path
     gateway: subprocess.Popen[bytes]
     sent: int = 0  # requests sent to the route by the tests so far
+    prompt_tokens: int = 0  # each request's: they all send the same message
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,7 @@ def send(rig: Rig, n: int) -> None:
                 async with gate:
                     resp = await client.post("/v1/chat/completions", json=body)
                     assert resp.status_code == 200, resp.text
+                    rig.prompt_tokens = resp.json()["usage"]["prompt_tokens"]
 
             await asyncio.gather(*(one() for _ in range(n)))
 
@@ -132,23 +134,59 @@ def per_process(client: httpx.Client) -> dict[int, int]:
     return seen
 
 
+def send_to_both(rig: Rig, client: httpx.Client) -> None:
+    """Send until both processes have served some, so each one's own count is less than
+    the total (the kernel may hand one process every connection for a while)."""
+    for _ in range(10):
+        send(rig, 30)
+        counts = per_process(client)
+        if len(counts) == 2 and all(counts.values()):
+            break
+    assert len(counts) == 2, "one process answered every connection"
+    assert all(counts.values()), f"one process served nothing: {counts}"
+    assert sum(counts.values()) == rig.sent
+    deadline = time.monotonic() + 5  # each process mirrors its counts every second
+    while scrape(client)[0] != rig.sent and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_every_scrape_sums_both_worker_processes(rig: Rig) -> None:
     with fresh(rig.url) as client:
-        # The kernel may hand one process every connection for a while: send until both
-        # have served some, so each one's own count is less than the total.
-        for _ in range(10):
-            send(rig, 30)
-            counts = per_process(client)
-            if len(counts) == 2 and all(counts.values()):
-                break
-        assert len(counts) == 2, "one process answered every connection"
-        assert all(counts.values()), f"one process served nothing: {counts}"
-        assert sum(counts.values()) == rig.sent
-        deadline = time.monotonic() + 5  # each process mirrors its counts every second
-        while scrape(client)[0] != rig.sent and time.monotonic() < deadline:
-            time.sleep(0.2)
+        send_to_both(rig, client)
         # Whichever process answers, the scrape is the sum over both.
         assert {scrape(client) for _ in range(20)} == {(rig.sent, 2.0)}
+
+
+def histogram(client: httpx.Client, route: str) -> tuple[float, ...]:
+    """The route's latency histogram (count, le=0.25 and +Inf buckets, sum) and its
+    prompt tokens, from one scrape."""
+    text = client.get("/metrics").text
+    got = dict.fromkeys(("count", "0.25", "+Inf", "sum", "tokens"), 0.0)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("route") != route:
+                continue
+            if s.name == "flywheel_request_duration_seconds_bucket":
+                if s.labels["le"] in got:
+                    got[s.labels["le"]] += s.value
+            elif s.name.startswith("flywheel_request_duration_seconds_"):  # _count, _sum
+                got[s.name.rsplit("_", 1)[1]] += s.value
+            elif s.name == "flywheel_tokens_total" and s.labels["kind"] == "prompt":
+                got["tokens"] += s.value
+    return tuple(got.values())
+
+
+def test_histograms_sum_both_worker_processes(rig: Rig) -> None:
+    with fresh(rig.url) as client:
+        send_to_both(rig, client)
+        scrapes = {histogram(client, rig.route) for _ in range(20)}
+    assert len(scrapes) == 1, scrapes  # whichever process answers
+    count, fast, inf, total_s, tokens = scrapes.pop()
+    # Every request in the histogram once, all of them quick (a 5 ms mock), with their
+    # latencies summed; and every request's prompt tokens.
+    assert (count, fast, inf) == (rig.sent, rig.sent, rig.sent)
+    assert 0.004 * rig.sent < total_s < 0.25 * rig.sent
+    assert tokens == rig.sent * rig.prompt_tokens > 0
 
 
 def test_history_counts_what_was_sent_after_a_job_run(rig: Rig, redis_url: str) -> None:
@@ -187,4 +225,5 @@ def test_stopped_processes_leave_their_counts_not_their_gauges(rig: Rig) -> None
     stop(rig.gateway)
     files = sorted(p.name for p in rig.prom_dir.iterdir())
     assert any(f.startswith("counter_") for f in files), files
+    assert any(f.startswith("histogram_") for f in files), files
     assert not [f for f in files if f.startswith("gauge_live")], files

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.observability.metrics import RequestCounter
 from app.store.metrics_history import align, plan_buckets, rank, window_start
 from workers.tasks.metrics import schedule
 
@@ -57,22 +56,6 @@ def test_cron_sets_run_at_least_once_per_interval() -> None:
     assert schedule(420) == {"minute": set(range(0, 60, 6)), "second": {0}}
     assert schedule(90) == {"minute": set(range(60)), "second": {0}}
     assert schedule(45) == {"second": {0, 30}}
-
-
-def test_request_counter_bounds_the_route_label() -> None:
-    counter = RequestCounter(["chat", "demo"])
-    counter.count("chat", 200, "miss")
-    counter.count("chat", 200, "miss")
-    counter.count("demo", 503, "bypass")
-    counter.count("made-up-model-123", 404, "bypass")
-    counter.count(None, 400, "bypass")
-    assert counter.counts == {
-        ("chat", "2xx", "miss"): 2,
-        ("demo", "5xx", "bypass"): 1,
-        ("other", "4xx", "bypass"): 2,
-    }
-    assert counter.total == 5
-    assert counter.by(1) == {"2xx": 2, "5xx": 1, "4xx": 2}
 
 
 def test_plan_reaches_back_to_rows_that_landed_late() -> None:
