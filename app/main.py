@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from app.api import admin, chat, embeddings, health, keys, metrics, models
+from app.api import admin, alerts, chat, embeddings, feedback, health, keys, metrics, models
 from app.api.fastpath import Gateway
 from app.api.http_limits import HttpLimits
 from app.api.middleware import RequestIdMiddleware
@@ -29,6 +29,8 @@ from app.cache.service import make_cache
 from app.config import Settings, pii_kinds
 from app.errors import install_error_handlers
 from app.observability.access_log import AccessLog
+from app.observability.langsmith_metrics import LangSmithCollector
+from app.observability.langsmith_runs import make_langsmith
 from app.observability.limit_metrics import LimitsCollector
 from app.observability.metrics import (
     CountedRecorder,
@@ -94,13 +96,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     dispatcher = Dispatcher(router)
     limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
     http_limits = HttpLimits(settings)
+    langsmith = make_langsmith(settings)
+    if langsmith is not None:
+        langsmith.start()
     sweep_task = asyncio.create_task(http_limits.sweep_forever(), name="http-limits")
     gateway_metrics = make_metrics(
         dispatcher,
         cache,
         requests,
         multiprocess_dir(),
-        extra=[LimitsCollector(limiter, http_limits)],
+        extra=[
+            LimitsCollector(limiter, http_limits),
+            *([LangSmithCollector(langsmith)] if langsmith is not None else []),
+        ],
+        in_flight=lambda: app.in_flight if isinstance(app, Gateway) else 0,
     )
     metrics_task = (
         asyncio.create_task(gateway_metrics.run_background(), name="metrics")
@@ -128,7 +137,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         http_limits=http_limits,
         tokens=tokens,
         tracing=tracing,
+        redactors=app.state.redactors,
         jobs=make_job_queue(settings),
+        langsmith=langsmith,
     )
     # Not only for adaptive routes: the same tick shares breaker cooldowns (one round
     # trip, and none while every breaker is closed).
@@ -169,6 +180,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.flywheel.jobs is not None:
             await app.state.flywheel.jobs.aclose(close_connection_pool=True)
         await asyncio.to_thread(tracing.shutdown)  # flushes queued spans, bounded
+        if langsmith is not None:
+            await asyncio.to_thread(langsmith.close, 5.0)  # sends what is queued, bounded
         await engine.dispose()
 
 
@@ -210,7 +223,7 @@ def create_app(
         # The FastAPI-routed endpoints; the fast path makes its own server span.
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider)
     install_error_handlers(app)
-    for module in (chat, embeddings, models, health, admin, keys, metrics):
+    for module in (chat, embeddings, feedback, models, health, admin, alerts, keys, metrics):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.auth.resolver import KeyResolver
 from app.cache.service import ResponseCache
 from app.config import Settings
+from app.observability.langsmith_runs import LangSmithRuns
+from app.observability.redact import Redactors
 from app.observability.tracing import Tracing
 from app.providers.registry import ProviderRegistry
 from app.ratelimit.limiter import Limiter
@@ -46,9 +48,11 @@ class AppState:
     http_limits: HttpLimits
     tokens: TokenCounter
     tracing: Tracing
+    redactors: Redactors
     # The arq queue admin endpoints enqueue worker jobs on, by name (app never imports
     # workers); None without Redis.
     jobs: ArqRedis | None = None
+    langsmith: LangSmithRuns | None = None  # None unless LANGSMITH_TRACING and a key
 
 
 def make_job_queue(settings: Settings) -> ArqRedis | None:

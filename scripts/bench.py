@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import auth, cache, check, report, ttft, wrk
+from bench import auth, cache, check, langsmith, report, ttft, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured, start_reference
 from bench.procs import BenchError, Processes
@@ -84,14 +84,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "c=1 without a key and with a rate-limited virtual key, alternating in 4 rounds of "
         "S/4 s (at least 1 s) per side",
     )
+    ls_group = parser.add_mutually_exclusive_group()
+    ls_group.add_argument(
+        "--no-langsmith", action="store_true", help="skip the LangSmith-hanging scenario"
+    )
+    ls_group.add_argument(
+        "--langsmith-only",
+        action="store_true",
+        help="run only the LangSmith-hanging scenario: JSON at c=1 with LangSmith off and "
+        "with LangSmith at a server that never answers, alternating in 4 rounds",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0
         args.ttft_requests = min(args.ttft_requests, 100)
     if args.seconds <= 0 or args.seconds > 600 or args.repeat < 1 or args.ttft_requests < 1:
         parser.error("need 0 < --seconds <= 600, --repeat >= 1, --ttft-requests >= 1")
-    if args.auth_only and args.direct_only:
-        parser.error("--auth-only needs a gateway; it cannot go with --direct-only")
+    if (args.auth_only or args.langsmith_only) and args.direct_only:
+        parser.error("--auth-only and --langsmith-only need a gateway, not --direct-only")
+    if args.auth_only and args.langsmith_only:
+        parser.error("--auth-only and --langsmith-only: one scenario only, or neither")
     return args
 
 
@@ -177,15 +189,18 @@ def run_once(
     setup: GatewaySetup | None,
     cache_tiers: list[cache.Tier],
     auth_setup: GatewaySetup | None,
+    ls_setups: dict[str, GatewaySetup] | None = None,
 ) -> Figures:
     """Start a gateway (measuring cold starts and idle RSS), load it, stop it; then the
-    cache-hit and auth+limits scenarios on gateways of their own."""
-    auth_only = run.args.auth_only
-    steal = steal_share() if auth_only else load_main(procs, run, setup, cache_tiers)
+    cache-hit, auth+limits and LangSmith scenarios on gateways of their own."""
+    only = run.args.auth_only or run.args.langsmith_only
+    steal = steal_share() if only else load_main(procs, run, setup, cache_tiers)
+    unique = not run.args.same_prompt
+    seconds = run.args.seconds
     if auth_setup is not None:
-        unique = not run.args.same_prompt
-        seconds = run.args.seconds
         run.fig.update(auth.measure(procs, auth_setup, run.wrk_bin, seconds, unique, progress))
+    if ls_setups is not None:
+        run.fig.update(langsmith.measure(procs, ls_setups, run.wrk_bin, seconds, unique, progress))
     run.fig["cpu_steal_pct"] = steal()
     progress(f"  CPU stolen by the host during this run: {run.fig['cpu_steal_pct']:.1f}%")
     report.add_derived(run.fig)
@@ -270,6 +285,7 @@ def write_json(
             "concurrency": list(CONCURRENCY),
             "cache_scenario": not args.no_cache and not args.auth_only,
             "auth_scenario": not args.no_auth and not args.direct_only,
+            "langsmith_scenario": not args.no_langsmith and not args.direct_only,
         },
         "runs": runs,
         "median": med,
@@ -313,8 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth_setup = None
             reference = None
             cache_tiers: list[cache.Tier] = []
+            ls_setups = None
+            hang = langsmith.hanging_socket()
+            hang_port = hang.getsockname()[1]
             if args.auth_only:
                 auth_setup = auth.setup(tmp / "auth", nginx_port, start_redis(procs, tmp))
+            elif args.langsmith_only:
+                redis_url = start_redis(procs, tmp)
+                ls_setups = langsmith.setups(tmp / "ls", nginx_port, redis_url, hang_port)
             elif not args.direct_only:
                 setup = GatewaySetup(tmp / "gateway", nginx_port, start_redis(procs, tmp))
                 reference = start_reference(procs, tmp / "reference", nginx_port)
@@ -322,16 +344,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cache_tiers = cache.tiers(tmp / "cache", nginx_port, setup.redis_url)
                 if not args.no_auth:
                     auth_setup = auth.setup(tmp / "auth", nginx_port, setup.redis_url)
+                if not args.no_langsmith:
+                    ls_setups = langsmith.setups(tmp / "ls", nginx_port, setup.redis_url, hang_port)
             if setup is not None:
                 setup.prepare()
             for tier in cache_tiers:
                 tier.setup.prepare()
             if auth_setup is not None:
                 auth_setup.prepare()
+            for ls_setup in (ls_setups or {}).values():
+                ls_setup.prepare()
             for i in range(args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
                 run = Run(args, wrk_bin, nginx_port, reference)
-                runs.append(run_once(procs, run, setup, cache_tiers, auth_setup))
+                runs.append(run_once(procs, run, setup, cache_tiers, auth_setup, ls_setups))
+            hang.close()
             if setup is not None and not args.no_resilience:
                 progress("resilience scenarios (hedging, adaptive concurrency)")
                 resilience = run_resilience(

@@ -14,10 +14,10 @@ from arq.connections import RedisSettings
 from app.config import Settings
 from app.observability.logging import configure_logging
 from workers.context import shutdown, startup
-from workers.tasks import consolidate, heartbeat, maintenance, metrics, snapshots
+from workers.tasks import alerts, consolidate, heartbeat, maintenance, metrics, snapshots
 
 _settings = Settings()
-TASK_MODULES: tuple[Any, ...] = (heartbeat, consolidate, metrics, maintenance, snapshots)
+TASK_MODULES: tuple[Any, ...] = (heartbeat, consolidate, metrics, maintenance, snapshots, alerts)
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from arq import Retry
 from redis.exceptions import RedisError
 
+from app.observability.tracing import TRACEPARENT, context_of
 from app.store.jobs import note_run
 from workers.context import get_context
 
@@ -30,18 +31,36 @@ def backoff_s(job_try: int) -> float:
     return float(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0 ** max(0, job_try - 1)))
 
 
+def traced(
+    fn: Callable[..., Awaitable[T]],
+) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Run an arq job in a span; one enqueued while serving a request (an admin call)
+    carries that request's trace context (`traceparent=`), and its span joins it."""
+    name = "job " + fn.__name__
+
+    @functools.wraps(fn)
+    async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> T:
+        parent = context_of(kwargs.pop(TRACEPARENT, None))
+        attempt = int(ctx.get("job_try") or 1)
+        with get_context(ctx).tracing.job_span(name, parent, attempt):
+            return await fn(ctx, *args, **kwargs)
+
+    return run
+
+
 def tracked(
     fn: Callable[..., Awaitable[T]],
 ) -> Callable[..., Coroutine[Any, Any, T]]:
-    """Wrap an arq job so its outcome is noted and a failure retried."""
+    """Wrap an arq job so its outcome is noted and a failure retried (and traced)."""
     name = fn.__name__
+    job = traced(fn)
 
     @functools.wraps(fn)
     async def run(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> T:
         prefix = get_context(ctx).settings.flywheel_redis_prefix
         started = time.perf_counter()
         try:
-            result = await fn(ctx, *args, **kwargs)
+            result = await job(ctx, *args, **kwargs)
         except Exception as e:
             tries = int(ctx.get("job_try") or 1)
             log.warning("job %s failed (try %d of %d): %r", name, tries, MAX_TRIES, e)

@@ -25,6 +25,7 @@ from app.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from app.observability.tracing import traceparent
 from app.state import AppState
 from app.store.snapshot_file import ID_RE, SnapshotError
 from app.store.snapshots import list_snapshots
@@ -99,7 +100,9 @@ async def _run_job(state: AppState, function: str, wait_s: float, *args: Any) ->
         raise _queue_down()
     try:
         async with asyncio.timeout(5.0):
-            job = await state.jobs.enqueue_job(function, *args)
+            # The request's trace context goes with the job (a keyword the worker's job
+            # wrapper takes off): the job's span joins this request's trace.
+            job = await state.jobs.enqueue_job(function, *args, traceparent=traceparent())
         if job is None:  # only when a job of the same id exists; ids here are arq's own
             raise GatewayError(f"{function} was not enqueued", code="job_not_enqueued")
         info = await _wait(job, wait_s)

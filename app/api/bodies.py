@@ -1,8 +1,10 @@
-"""Who a request belongs to, and the bodies kept for routes that store them.
+"""Who a request belongs to, and the bodies kept for routes that store them (and for
+LangSmith runs, when LangSmith is on).
 
 A route with `bodies: {store: true}` has its request and response bodies added to the
 request record; the recorder redacts them (PII and secrets) off the request path before
-they leave the process, and the workers store them with their own retention.
+they leave the process, and the workers store them with their own retention. LangSmith's
+thread masks its copy the same way, with the route's redactor.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ def note_route(state: AppState, exchange: Exchange, caller: Caller, route: str, 
     if config.bodies is not None and config.bodies.store:
         days = config.bodies.retention_days or state.settings.flywheel_body_retention_days
         exchange.keep_bodies(days * DAY_S, body)
+    if state.langsmith is not None:
+        exchange.trace_to(state.langsmith, state.redactors.of(route), body)
 
 
 def keep_response(exchange: Exchange, answer: Any) -> None:
-    if exchange.body_retention_s is not None:
+    if exchange.keeps_content:
         exchange.response_body = answer
 
 
@@ -82,4 +86,4 @@ class BodySink:
 
 
 def stream_sink(exchange: Exchange, inner: StreamSink | None) -> StreamSink | None:
-    return inner if exchange.body_retention_s is None else BodySink(exchange, inner)
+    return BodySink(exchange, inner) if exchange.keeps_content else inner

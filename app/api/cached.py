@@ -190,7 +190,7 @@ def hit_response(
     exchange.stream = stream
     answer = cached.answer
     choices = answer.get("choices") or [{}]
-    if exchange.body_retention_s is not None:
+    if exchange.keeps_content:
         exchange.response_body = answer if cached.kind == "chat" else embeddings_summary(answer)
     exchange.record(
         state.recorder,

@@ -8,6 +8,8 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
+from app.observability.langsmith_runs import LangSmithRuns
+from app.observability.redact import Redactor
 from app.observability.tracing import mark_error, set_attributes, traceparent
 from app.ratelimit.limiter import Limiter
 from app.ratelimit.quota import Ticket
@@ -45,6 +47,15 @@ class Exchange:
     # The request's span, when tracing is on: the record's facts become its attributes,
     # and the record carries its context to the worker that stores it.
     span: Span | None = None
+    # With LangSmith on, the exchange (its bodies masked by its route's redactor, in
+    # LangSmith's own thread) becomes a run there.
+    langsmith: LangSmithRuns | None = None
+    redactor: Redactor | None = None
+
+    @property
+    def keeps_content(self) -> bool:
+        """Whether the answer is kept for the record (stored bodies) or for LangSmith."""
+        return self.body_retention_s is not None or self.langsmith is not None
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -92,37 +103,38 @@ class Exchange:
             trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
             extra["traceparent"] = parent
         self._settle(status, usage, prompt + completion, cost)
-        recorder.record(
-            RequestRecord(
-                request_id=self.request_id,
-                endpoint=self.endpoint,
-                route=self.target.route if self.target else self.route,
-                deployment=d.name if d else None,
-                provider=d.provider if d else None,
-                model=d.model if d else None,
-                status=status,
-                stream=self.stream,
-                started_at=self.started_wall,
-                latency_ms=(time.perf_counter() - self.started) * 1000,
-                ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cost=cost,
-                finish_reason=finish_reason,
-                error_code=error_code,
-                client_disconnected=disconnected,
-                usage_estimated=usage_estimated,
-                attempts=self.attempts,
-                cache=self.cache,
-                tenant=self.tenant,
-                key_id=self.key_id,
-                variant=self.variant,
-                error_type=error_type,
-                bodies=self._bodies(),
-                trace_id=trace_id,
-                extra=extra,
-            )
+        rec = RequestRecord(
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            route=self.target.route if self.target else self.route,
+            deployment=d.name if d else None,
+            provider=d.provider if d else None,
+            model=d.model if d else None,
+            status=status,
+            stream=self.stream,
+            started_at=self.started_wall,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost=cost,
+            finish_reason=finish_reason,
+            error_code=error_code,
+            client_disconnected=disconnected,
+            usage_estimated=usage_estimated,
+            attempts=self.attempts,
+            cache=self.cache,
+            tenant=self.tenant,
+            key_id=self.key_id,
+            variant=self.variant,
+            error_type=error_type,
+            bodies=self._bodies(),
+            trace_id=trace_id,
+            extra=extra,
         )
+        recorder.record(rec)
+        if self.langsmith is not None and self.redactor is not None:
+            self.langsmith.submit(rec, self.request_body, self.response_body, self.redactor)
 
     def _trace(
         self,
@@ -179,6 +191,12 @@ class Exchange:
         if retention_s is not None:
             self.body_retention_s = retention_s
             self.request_body = request
+
+    def trace_to(self, langsmith: LangSmithRuns, redactor: Redactor, request: Any) -> None:
+        """Send this exchange to LangSmith as a run, with its request and answer."""
+        self.langsmith = langsmith
+        self.redactor = redactor
+        self.request_body = request
 
     def _bodies(self) -> dict[str, Any] | None:
         if self.body_retention_s is None:

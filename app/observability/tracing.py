@@ -97,6 +97,20 @@ class Tracing:
         ctx = trace.set_span_in_context(parent)
         return self.tracer.start_span(name, context=ctx, attributes=_clean(attributes))
 
+    def job_span(
+        self, name: str, parent: otel_context.Context | None, attempt: int
+    ) -> AbstractContextManager[Span]:
+        """A worker job's span: in the trace of the request that enqueued it, if any."""
+        if not self.enabled:
+            return _NULL
+        return self.tracer.start_as_current_span(
+            name,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={"flywheel.job.attempt": attempt},
+            record_exception=True,
+        )
+
     def server_span(self, name: str, headers: Mapping[str, str]) -> AbstractContextManager[Span]:
         """The request's span, a child of the caller's `traceparent` when it sent one."""
         if not self.enabled:
@@ -140,6 +154,10 @@ def set_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
 def mark_error(span: Span, status: int, error_type: str | None) -> None:
     if span.is_recording() and status >= 500:
         span.set_status(Status(StatusCode.ERROR, error_type or str(status)))
+
+
+# The keyword argument a job enqueued for a request carries its trace context in.
+TRACEPARENT = "traceparent"
 
 
 def traceparent() -> str | None:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.observability.tracing import Tracing, context_of
-from app.store.rows import Rows, insert_rows, rows_of
+from app.store.rows import Rows, insert_rows, matched_feedback, rows_of
 
 log = logging.getLogger("flywheel.consolidation")
 
@@ -76,6 +76,8 @@ class Consolidator:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # With tracing on, each stored record gets a span in its request's trace.
     tracing: Tracing | None = None
+    # Stored feedback that names a request of its tenant goes here (LangSmith).
+    on_feedback: Callable[[str, float, str | None], None] | None = None
 
     @property
     def stream(self) -> str:
@@ -113,7 +115,8 @@ class Consolidator:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def step(self) -> int:
-        """One batch: records handled (0 when there was nothing, -1 when it must wait)."""
+        """One batch: records (and feedback) handled (0 when there was nothing, -1 when it
+        must wait)."""
         try:
             entries = await self._next_entries()
         except ResponseError as e:
@@ -143,10 +146,29 @@ class Consolidator:
             await self._one_by_one(rows, records)
         if self.tracing is not None and self.tracing.enabled:
             self._trace(records, started)
+        if self.on_feedback is not None and rows.feedback:
+            await self._forward_feedback(rows)
         oldest = min((r["created_at"] for r in rows.requests), default=None)
         await self._ack(entries, len(rows.requests), oldest)
         self._recovered()
-        return len(rows.requests)
+        return len(rows.requests) + len(rows.feedback)
+
+    async def _forward_feedback(self, rows: Rows) -> None:
+        """Stored scores, on requests of the tenant that gave them, to `on_feedback`."""
+        assert self.on_feedback is not None
+        ids = [str(f["request_id"]) for f in rows.feedback]
+        try:
+            matched = await matched_feedback(self.engine, ids)
+        except (SQLAlchemyError, OSError) as e:
+            # Stored already; only the forwarding is lost, not worth holding the stream.
+            log.warning("feedback not forwarded: database unavailable (%s)", type(e).__name__)
+            return
+        if len(matched) < len(set(ids)):
+            log.info(
+                "%d feedback items name no request of theirs (yet)", len(set(ids)) - len(matched)
+            )
+        for request_id, score, comment in matched:
+            self.on_feedback(request_id, score, comment)
 
     def _trace(self, records: list[dict[str, Any]], started_ns: int) -> None:
         """A span per stored record, in the trace of the request it records (the gateway

@@ -35,10 +35,14 @@ BATCH_MAX = 1000
 _ALL = Redactors()
 
 
-def encode_batch(batch: list[RequestRecord], redactors: Redactors = _ALL) -> bytes:
+def encode_batch(batch: list[Shipped], redactors: Redactors = _ALL) -> bytes:
     """The stream entry of a batch; bodies (rare: only routes that opt in) redacted, each
     by its route's redactor."""
     for rec in batch:
+        if isinstance(rec, FeedbackRecord):
+            if rec.comment:
+                rec.comment = redactors.default.text(rec.comment)
+            continue
         if rec.bodies is not None and not rec.bodies.get("redacted"):
             rec.bodies = {**redactors.of(rec.route).value(rec.bodies), "redacted": True}
     return orjson.dumps(batch)
@@ -77,6 +81,22 @@ class RequestRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class FeedbackRecord:
+    """A score for a past answer (POST /v1/feedback), shipped with the request records:
+    the same buffer, stream and consolidation, so a Redis outage loses none of it."""
+
+    request_id: str
+    score: float
+    tenant: str | None
+    created_at: float
+    comment: str | None = None
+    kind: str = "feedback"
+
+
+Shipped = RequestRecord | FeedbackRecord
+
+
 def decode_entries(entries: Sequence[tuple[Any, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
     """The records inside stream entries (as XRANGE / XREADGROUP return them), in order."""
     out: list[dict[str, Any]] = []
@@ -105,7 +125,7 @@ class Recorder:
         self._interval_s = interval_s
         self._maxlen = maxlen
         self._outage_dropped = 0  # dropped since the last successful shipment
-        self._buffer: deque[RequestRecord] = deque()
+        self._buffer: deque[Shipped] = deque()
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self.dropped = 0
@@ -114,6 +134,11 @@ class Recorder:
     def record(self, rec: RequestRecord) -> None:
         if self._access is not None:
             self._access.add(rec)
+        self.ship(rec)
+
+    def ship(self, rec: Shipped) -> None:
+        """Buffer `rec` for the stream (a request record, or feedback: not counted as a
+        request, not in the access log)."""
         if self._redis is None:
             # No Redis configured at all: there is nowhere to ship to, so keep nothing.
             self.dropped += 1
@@ -130,6 +155,11 @@ class Recorder:
             log.warning("request record buffer full: dropping the oldest records")
         self.dropped += n
         self._outage_dropped += n
+
+    @property
+    def ships(self) -> bool:
+        """Whether anything recorded can reach the workers (there is a Redis)."""
+        return self._redis is not None
 
     @property
     def pending(self) -> int:
@@ -164,7 +194,7 @@ class Recorder:
         assert self._redis is not None
         while self._buffer:
             batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), BATCH_MAX))]
-            if any(rec.bodies is not None for rec in batch):
+            if any(isinstance(rec, FeedbackRecord) or rec.bodies is not None for rec in batch):
                 # Redaction is regex work over whole bodies: not on the event loop.
                 payload = await asyncio.to_thread(encode_batch, batch, self._redactors)
             else:

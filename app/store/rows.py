@@ -8,15 +8,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Table
+from sqlalchemy import Table, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.store.schema import RequestBody, RequestRow
+from app.store.schema import Feedback, RequestBody, RequestRow
 
 REQUESTS: Table = RequestRow.__table__  # type: ignore[assignment]
 BODIES: Table = RequestBody.__table__  # type: ignore[assignment]
+FEEDBACK: Table = Feedback.__table__  # type: ignore[assignment]
 
 # Record field → column, where the names differ.
 _RENAMED = {"request_id": "id", "cache": "cache_tier"}
@@ -30,25 +31,28 @@ _DEFAULTS = {c.name: getattr(c.default, "arg", None) for c in REQUESTS.columns}
 class Rows:
     requests: list[dict[str, Any]] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    feedback: list[dict[str, Any]] = field(default_factory=list)
 
     def ids(self) -> list[str]:
-        return [str(r["id"]) for r in self.requests]
+        return [str(r["id"]) for r in self.requests] + [str(f["request_id"]) for f in self.feedback]
 
     def split(self) -> Iterator[Rows]:
-        """One Rows per request, with its body if it has one."""
+        """One Rows per request, with its body if it has one; one per feedback."""
         bodies = {b["request_id"]: b for b in self.bodies}
         for row in self.requests:
             body = bodies.get(row["id"])
             yield Rows([row], [body] if body is not None else [])
+        for item in self.feedback:
+            yield Rows(feedback=[item])
 
 
-def _clip(name: str, value: Any) -> Any:
+def _clip_to(table: Table, name: str, value: Any) -> Any:
     """Strings cut to their column's length (a long model name must not sink a batch),
     without NUL characters (PostgreSQL text cannot hold them)."""
     if not isinstance(value, str):
         return value
     value = value.replace("\x00", "")
-    length = getattr(_COLUMNS[name].type, "length", None)
+    length = getattr(table.columns[name].type, "length", None)
     return value[:length] if length is not None else value
 
 
@@ -58,6 +62,12 @@ def rows_of(records: list[Any]) -> tuple[Rows, list[Any]]:
     refused: list[Any] = []
     seen: set[str] = set()
     for rec in records:
+        if isinstance(rec, dict) and rec.get("kind") == "feedback":
+            try:
+                out.feedback.append(_feedback_row(rec))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                refused.append(rec)
+            continue
         try:
             row, created = _row(rec)
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
@@ -81,7 +91,7 @@ def _row(rec: dict[str, Any]) -> tuple[dict[str, Any], datetime]:
         if column in ("started_at", "bodies", "extra"):
             continue
         if column in _COLUMNS:
-            row[column] = _clip(column, value)
+            row[column] = _clip_to(REQUESTS, column, value)
         else:
             extra[name] = value  # a field newer than this schema: kept, not lost
     if not isinstance(row["id"], str) or not row["id"]:
@@ -90,6 +100,22 @@ def _row(rec: dict[str, Any]) -> tuple[dict[str, Any], datetime]:
     row["created_at"] = created
     row["extra"] = extra or None
     return row, created
+
+
+def _feedback_row(rec: dict[str, Any]) -> dict[str, Any]:
+    score = float(rec["score"])
+    if not 0.0 <= score <= 1.0:
+        raise ValueError("a score outside [0, 1]")
+    at = datetime.fromtimestamp(float(rec["created_at"]), UTC)
+    comment = rec.get("comment")
+    return {
+        "request_id": _clip_to(FEEDBACK, "request_id", str(rec["request_id"])),
+        "score": score,
+        "comment": _clip_to(FEEDBACK, "comment", None if comment is None else str(comment)),
+        "tenant": _clip_to(FEEDBACK, "tenant", rec.get("tenant") or "anonymous"),
+        "created_at": at,
+        "updated_at": at,
+    }
 
 
 def _body_row(row: dict[str, Any], bodies: dict[str, Any], created: datetime) -> dict[str, Any]:
@@ -117,3 +143,34 @@ async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
         if rows.bodies:
             stmt = insert(BODIES).on_conflict_do_nothing(index_elements=["request_id"])
             await conn.execute(stmt, rows.bodies)
+        for item in rows.feedback:
+            # The same caller's later score replaces its earlier one; scores of other
+            # tenants are rows of their own (readers take the request owner's).
+            stmt = insert(FEEDBACK).values(item)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["request_id", "tenant"],
+                set_={
+                    "score": stmt.excluded.score,
+                    "comment": stmt.excluded.comment,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            )
+            await conn.execute(stmt)
+
+
+async def matched_feedback(
+    engine: AsyncEngine, ids: list[str]
+) -> list[tuple[str, float, str | None]]:
+    """Of these feedback rows, those on a request of the tenant that gave them (or given
+    with the master key): (request id, score, comment)."""
+    if not ids:
+        return []
+    f, r = FEEDBACK, REQUESTS
+    query = (
+        select(f.c.request_id, f.c.score, f.c.comment)
+        .join(r, r.c.id == f.c.request_id)
+        .where(f.c.request_id.in_(ids), or_(f.c.tenant == r.c.tenant, f.c.tenant == "master"))
+    )
+    async with engine.connect() as conn:
+        result = await conn.execute(query)
+        return [(str(a), float(b), c) for a, b, c in result.all()]

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The Alembic head this code was written for; the app refuses to start on another.
 # A test keeps it equal to the head of migrations/versions.
-SCHEMA_REVISION = "0003_api_keys"
+SCHEMA_REVISION = "0005_feedback_per_tenant"
 
 ID = String(64)  # request/completion ids: "chatcmpl-" + 24 hex, with room
 NAME = String(128)  # route, deployment, provider, model and variant names
@@ -113,14 +113,16 @@ class RequestBody(Base):
 
 
 class Feedback(Base):
-    """A score given to a past answer; one row per request (repeated feedback updates)."""
+    """A score given to a past answer; one row per request and tenant (repeated feedback
+    from the same caller replaces its score)."""
 
     __tablename__ = "feedback"
 
     request_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    # Part of the key: another tenant's score can neither block nor replace the owner's.
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     score: Mapped[float] = mapped_column(Float)
     comment: Mapped[str | None] = mapped_column(Text)
-    tenant: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -192,3 +194,33 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Alert(Base):
+    """An anomaly the worker escalated: one row per (subject, kind) per cooldown.
+
+    `subject` is "route/deployment"; `value` and `baseline` are the window's and the
+    baseline's figure in the kind's unit (ms, error rate, mean score, requests).
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index("ix_alerts_created_at", "created_at"),
+        Index("ix_alerts_subject_created_at", "subject", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "alert_" + 24 hex
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    subject: Mapped[str] = mapped_column(String(260))
+    route: Mapped[str] = mapped_column(NAME)
+    deployment: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    z_score: Mapped[float] = mapped_column(Float)
+    health: Mapped[float | None] = mapped_column(Float)
+    value: Mapped[float] = mapped_column(Float)
+    baseline: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # not_configured, pending, sent or failed
+    webhook_status: Mapped[str] = mapped_column(String(32))

@@ -32,6 +32,19 @@ def post(
         conn.close()
 
 
+def get(url: str) -> tuple[int, dict[str, str], str]:
+    """GET `url`: status, headers, text."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.request("GET", parts.path)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, text
+    finally:
+        conn.close()
+
+
 def _stream_content(text: str) -> str:
     events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
     if not events or events[-1] != "[DONE]":

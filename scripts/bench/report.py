@@ -190,6 +190,30 @@ def auth_lines(fig: Figures) -> list[str]:
     return lines
 
 
+def langsmith_lines(fig: Figures) -> list[str]:
+    if "ls.added_p50_ms" not in fig:
+        return []
+    head = f"{'req/s':>8} {'p50':>7} {'p99':>7} {'err':>5}"
+    rounds = f"{fig.get('ls.rounds', 0):.0f} rounds of {fig.get('ls.round_s', 0):.0f} s"
+    lines = [
+        "",
+        f"LangSmith hanging: JSON, c=1, two gateways, sides alternating ({rounds}) — ms",
+        f"{'side':<24} | {head}",
+    ]
+    for side, title in (("off", "LangSmith off"), ("hanging", "LangSmith never answers")):
+        key = f"ls.{side}"
+        lines.append(
+            f"{title:<24} | {_num(fig, key + '.rps', '{:.0f}'):>8} {_num(fig, key + '.p50_ms'):>7}"
+            f" {_num(fig, key + '.p99_ms'):>7} {_num(fig, key + '.errors', '{:.0f}'):>5}"
+        )
+    lines += [
+        f"{'added (hanging - off)':<24} | {'':>8} {_num(fig, 'ls.added_p50_ms', '{:.3f}'):>7} "
+        f"{_num(fig, 'ls.added_p99_ms', '{:.3f}'):>7}",
+        "Each side: the median of its rounds; added: the median of the rounds' differences.",
+    ]
+    return lines
+
+
 def reference_lines(fig: Figures) -> list[str]:
     if "machine_speed" not in fig:
         return []
@@ -260,6 +284,7 @@ def render(fig: Figures, runs: int) -> str:
             *(load_tables(fig) if loaded else []),
             *cache_lines(fig),
             *auth_lines(fig),
+            *langsmith_lines(fig),
             *reference_lines(fig),
             *(other_lines(fig) if loaded else []),
             *summary(fig, runs),

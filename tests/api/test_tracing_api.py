@@ -100,12 +100,15 @@ async def test_a_stream_has_its_own_span_until_its_last_chunk(
         "messages": [{"role": "user", "content": f"stream me {uuid.uuid4().hex}"}],
     }
     headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
-            lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+    async with (
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
     by_name = {s.name: s for s in spans_of(gw, exporter, trace_id)}
     stream, server = by_name["stream"], by_name["POST /v1/chat/completions"]
-    assert stream.parent is not None and server.context is not None
+    assert stream.parent is not None
+    assert server.context is not None
     assert stream.parent.span_id == server.context.span_id
     a = dict(stream.attributes or {})
     assert a["flywheel.stream.chunks"] == len(lines) > 1
@@ -113,7 +116,8 @@ async def test_a_stream_has_its_own_span_until_its_last_chunk(
     assert a["gen_ai.response.finish_reasons"] == ("stop",)
     # It covers the body: it ends after the upstream attempt did, within the request.
     upstream = by_name["upstream fake-gpt-fake"]
-    assert stream.end_time is not None and upstream.end_time is not None
+    assert upstream.end_time is not None
+    assert stream.end_time is not None
     assert server.end_time is not None
     assert upstream.end_time <= stream.end_time <= server.end_time
 

@@ -20,6 +20,8 @@ from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wai
 from tests.fakes.otlp_collector import CollectedSpan, collected, otlp_collector
 from tests.fakes.server import FakeServer
 
+MASTER = "fw-master-tracing-0123456789abcdef"
+
 
 @pytest.fixture(scope="module")
 def traced_system(
@@ -50,6 +52,7 @@ def traced_system(
             "DATABASE_URL": database_url,
             "OPENAI_API_KEY": "sk-e2e-trace-0123456789",
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "FLYWHEEL_MASTER_KEY": MASTER,
         }
         log = (tmp / "processes.log").open("wb")
         worker = start_worker(env, log)
@@ -103,3 +106,25 @@ def test_one_trace_across_gateway_upstream_and_worker(
     assert seen.headers["traceparent"].split("-")[1] == trace_id
     # The exporter sends batches in the background: a request is not held up by it.
     assert float(resp.headers["x-flywheel-overhead-ms"]) < 100
+
+
+def test_a_job_enqueued_by_a_request_joins_its_trace(
+    traced_system: tuple[str, FakeServer],
+) -> None:
+    url, collector = traced_system
+    trace_id = secrets.token_hex(16)
+    resp = httpx.post(
+        url + "/admin/snapshots",
+        headers={
+            "authorization": f"Bearer {MASTER}",
+            "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+        },
+        timeout=30,
+    )
+    assert resp.status_code in (200, 201, 202), resp.text
+    spans = _wait_for_spans(collector, trace_id, {"job snapshot_create"})
+    job = next(s for s in spans if s.name == "job snapshot_create")
+    assert job.service == "flywheel-worker"
+    # Its parent is a span of the gateway's, in the same trace.
+    gateway_ids = {s.span_id for s in spans if s.service == "flywheel"}
+    assert job.parent_id in gateway_ids

@@ -81,6 +81,10 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
             }
         }
         return web.json_response(body_, status=400)
+    if kind == "echo-error":
+        # Upstreams quote the offending input back in their error messages.
+        quoted = str((body.get("messages") or [{}])[-1].get("content"))
+        return _error(400, f"Invalid 'messages[0].content': could not process {quoted!r}")
     if kind == "lag":
         await asyncio.sleep(state.lag_ms / 1000)
     if kind == "slow" and not await wait_or_disconnect(state, request, value / 1000):

@@ -75,7 +75,7 @@ def fault_of(model: str) -> tuple[str, int]:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted", "length"):
+    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted", "length", "echo-error"):
         return model, 0
     if model.startswith("toggle-"):
         return "toggle", 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from arq import cron
 
+from app.observability.langsmith_runs import make_langsmith
 from app.store.consolidation import (
     Consolidator,
     ConsolidatorConfig,
@@ -25,6 +26,7 @@ from workers.tracking import tracked
 
 log = logging.getLogger("flywheel.worker")
 TASK_KEY = "consolidator"
+LANGSMITH_KEY = "langsmith"
 STOP_WAIT_S = 20.0
 
 
@@ -43,6 +45,12 @@ async def on_startup(ctx: dict[str, Any]) -> None:
         ),
         tracing=wctx.tracing,
     )
+    # Feedback is forwarded from here, once it is known to name a request of its tenant.
+    langsmith = make_langsmith(s)
+    if langsmith is not None:
+        langsmith.start()
+        consolidator.on_feedback = langsmith.feedback
+        ctx[LANGSMITH_KEY] = langsmith
     await consolidator.ensure_group()
     task = asyncio.create_task(consolidator.run(), name="flywheel-consolidator")
     ctx[TASK_KEY] = (consolidator, task)
@@ -63,6 +71,9 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     log.info("consolidator stopped after %d records", consolidator.processed)
+    langsmith = ctx.pop(LANGSMITH_KEY, None)
+    if langsmith is not None:
+        await asyncio.to_thread(langsmith.close, 5.0)
 
 
 @tracked

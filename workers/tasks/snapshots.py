@@ -32,7 +32,7 @@ from app.store.jobs import note_run
 from app.store.snapshot_file import SnapshotError
 from app.store.snapshots import Snapshots
 from workers.context import get_context
-from workers.tracking import tracked
+from workers.tracking import traced, tracked
 
 log = logging.getLogger("flywheel.worker")
 
@@ -107,6 +107,7 @@ async def snapshot_create(ctx: dict[str, Any]) -> dict[str, Any]:
     return (await _store(ctx).create()).as_dict()
 
 
+@traced
 async def snapshot_restore(ctx: dict[str, Any], snapshot_id: str) -> dict[str, Any]:
     """Not `tracked`: a restore is an operator's decision for this moment. Retried minutes
     later it would overwrite what was learned meanwhile, and a bad file fails the same way
