@@ -55,7 +55,9 @@ class Exchange:
     @property
     def keeps_content(self) -> bool:
         """Whether the answer is kept for the record (stored bodies) or for LangSmith."""
-        return self.body_retention_s is not None or self.langsmith is not None
+        return self.body_retention_s is not None or (
+            self.langsmith is not None and self.langsmith.sends_content
+        )
 
     def count(self) -> None:
         """One more upstream attempt (retries, fallbacks and hedges included)."""
@@ -205,4 +207,5 @@ class Exchange:
             "request": self.request_body,
             "response": self.response_body,
             "retention_s": self.body_retention_s,
+            "route": self.route,  # whose redaction applies (encode_batch takes it off)
         }

@@ -31,7 +31,7 @@ MAX_BODY = 64 * 1024
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Annotated[str, Field(min_length=1, max_length=200, description="the answer's `id`")]
+    id: Annotated[str, Field(min_length=1, max_length=64, description="the answer's `id`")]
     score: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
     comment: Annotated[str | None, Field(max_length=MAX_COMMENT)] = None
 

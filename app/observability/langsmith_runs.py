@@ -84,8 +84,9 @@ class LangSmithRuns:
         self._thread: threading.Thread | None = None
         self._filter = _NotOnThread()
         self._closed = self._troubled = False
-        self._submitted = 0  # written on the event loop only
-        self._taken = 0  # written by the worker only; dropped = submitted - taken - queued
+        # Counted where it happens (queue full on the loop; what close() gives up), so it
+        # never goes backwards the way a difference of two moving counts could.
+        self._dropped = 0
         self._seen_dropped = 0
         self._error: Exception | None = None
         self._project_id: uuid.UUID | None = None
@@ -115,21 +116,28 @@ class LangSmithRuns:
 
     @property
     def dropped(self) -> int:
-        return self._submitted - self._taken - self.pending
+        return self._dropped
+
+    @property
+    def sends_content(self) -> bool:
+        """Whether runs carry the request's messages and answer (masked)."""
+        return self._content != "none"
 
     # --- event loop side: an append and a flag, nothing else ---------------------------
     def submit(self, rec: RequestRecord, request: Any, response: Any, redactor: Redactor) -> None:
-        self._submitted += 1
         if not self._closed:
-            self._runs.append((rec, request, response, redactor))  # full: the oldest goes
+            if len(self._runs) == self._runs.maxlen:
+                self._dropped += 1  # the oldest goes
+            self._runs.append((rec, request, response, redactor))
             if not self._wake.is_set():
                 self._wake.set()
 
     def feedback(
         self, request_id: str, score: float, comment: str | None, key: str = "user_score"
     ) -> None:
-        self._submitted += 1
         if not self._closed:
+            if len(self._feedback) == self._feedback.maxlen:
+                self._dropped += 1
             self._feedback.append((request_id, score, comment, key))
             if not self._wake.is_set():
                 self._wake.set()
@@ -149,6 +157,7 @@ class LangSmithRuns:
         if self._thread is not None:
             self._thread.join(timeout)
         if lost := self.pending:
+            self._dropped += lost
             self._runs.clear()
             self._feedback.clear()
             log.warning("LangSmith: %d runs/feedback not sent within %.1fs: dropped", lost, timeout)
@@ -183,7 +192,6 @@ class LangSmithRuns:
                 out.append(queue.popleft())
             except IndexError:
                 break
-        self._taken += len(out)
         return out
 
     def _drain(self) -> None:

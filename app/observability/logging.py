@@ -115,8 +115,12 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
     handler.listener.start()
     atexit.register(handler.listener.stop)  # writes what is queued before exiting
     root.handlers[:] = [handler]
-    # arq (the worker) configures a handler of its own; its lines go through ours.
-    logging.getLogger("arq").handlers[:] = []
+    # arq (the worker) and uvicorn configure handlers of their own, which would write
+    # unmasked tracebacks straight to stderr from the event loop: theirs go through ours.
+    for name in ("arq", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
     # DEBUG is for the gateway's own loggers. Libraries' debug output is beyond its
     # control and may carry secrets: aiosqlite logs every statement with its parameters,
     # API key hashes included.

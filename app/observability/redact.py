@@ -30,7 +30,13 @@ _SECRET = re.compile(
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"
     r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
     r"|\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"
+    r"|\blsv2_(?:pt|sk)_[A-Za-z0-9_]{20,}"  # LangSmith
+    r"|\bgsk_[A-Za-z0-9]{20,}"  # Groq
+    r"|\bhf_[A-Za-z0-9]{30,}"  # Hugging Face
+    r"|hooks\.slack\.com/services/[A-Za-z0-9/_-]+"  # a webhook URL is its own secret
 )
+# Credentials in a URL (scheme://user:password@host): the password goes.
+_USERINFO = re.compile(r"(?<=://)([^/\s:@]{1,256}):[^/\s@]{1,256}@")
 _BEARER = re.compile(
     r"(?i)\b(bearer|token|api[_-]?key|secret|password)(\s*[:=]\s*|\s+)([^\s\"',;]{8,})"
 )
@@ -67,6 +73,7 @@ def _phone(match: re.Match[str]) -> str:
 Rule = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
 # Always applied: a key in a prompt or an error is never wanted anywhere.
 _SECRETS: tuple[Rule, ...] = (
+    (_USERINFO, lambda m: f"{m.group(1)}:[SECRET]@"),
     (_SECRET, "[SECRET]"),
     (_BEARER, lambda m: f"{m.group(1)}{m.group(2)}[SECRET]"),
 )

@@ -158,7 +158,7 @@ class Consolidator:
         assert self.on_feedback is not None
         ids = [str(f["request_id"]) for f in rows.feedback]
         try:
-            matched = await matched_feedback(self.engine, ids)
+            matched = await matched_feedback(self.engine, rows.feedback)
         except (SQLAlchemyError, OSError) as e:
             # Stored already; only the forwarding is lost, not worth holding the stream.
             log.warning("feedback not forwarded: database unavailable (%s)", type(e).__name__)
@@ -258,7 +258,13 @@ class Consolidator:
 
     async def _one_by_one(self, rows: Rows, records: list[dict[str, Any]]) -> None:
         """A batch the database refused as data: write what it takes, set the rest aside."""
-        by_id = {str(r.get("request_id")): r for r in records}
+        # Feedback shares its request's id: the two must not be mistaken for each other.
+        by_id = {str(r.get("request_id")): r for r in records if r.get("kind") != "feedback"}
+        feedback = {
+            (str(r.get("request_id")), str(r.get("tenant") or "anonymous")): r
+            for r in records
+            if r.get("kind") == "feedback"
+        }
         for single in rows.split():
             try:
                 await insert_rows(self.engine, single)
@@ -266,7 +272,10 @@ class Consolidator:
                 if _is_outage(e):
                     raise
                 log.error("request %s refused by the database: %s", single.ids(), type(e).__name__)
-                refused = [by_id.get(i, {"request_id": i}) for i in single.ids()]
+                refused = [by_id.get(str(row["id"]), row) for row in single.requests] + [
+                    feedback.get((str(f["request_id"]), str(f["tenant"])), f)
+                    for f in single.feedback
+                ]
                 await self._dead_letter(refused, type(e).__name__)
 
     async def _dead_letter(self, records: list[Any], reason: str) -> None:

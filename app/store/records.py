@@ -44,7 +44,9 @@ def encode_batch(batch: list[Shipped], redactors: Redactors = _ALL) -> bytes:
                 rec.comment = redactors.default.text(rec.comment)
             continue
         if rec.bodies is not None and not rec.bodies.get("redacted"):
-            rec.bodies = {**redactors.of(rec.route).value(rec.bodies), "redacted": True}
+            # By the route the client asked for (its policy), not a fallback that answered.
+            route = rec.bodies.pop("route", None) or rec.route
+            rec.bodies = {**redactors.of(route).value(rec.bodies), "redacted": True}
     return orjson.dumps(batch)
 
 

@@ -154,23 +154,31 @@ async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
                     "comment": stmt.excluded.comment,
                     "updated_at": stmt.excluded.updated_at,
                 },
+                # Replicas (or an outage's buffer) can deliver an older score after a
+                # newer one: the newest given wins, whatever the arrival order.
+                where=FEEDBACK.c.updated_at <= stmt.excluded.updated_at,
             )
             await conn.execute(stmt)
 
 
 async def matched_feedback(
-    engine: AsyncEngine, ids: list[str]
+    engine: AsyncEngine, items: list[dict[str, Any]]
 ) -> list[tuple[str, float, str | None]]:
-    """Of these feedback rows, those on a request of the tenant that gave them (or given
-    with the master key): (request id, score, comment)."""
-    if not ids:
+    """Of these feedback rows (as stored), those on a request of the tenant that gave
+    them (or given with the master key): (request id, score, comment)."""
+    if not items:
         return []
+    given = {(str(f["request_id"]), str(f["tenant"])) for f in items}
     f, r = FEEDBACK, REQUESTS
     query = (
-        select(f.c.request_id, f.c.score, f.c.comment)
+        select(f.c.request_id, f.c.tenant, f.c.score, f.c.comment)
         .join(r, r.c.id == f.c.request_id)
-        .where(f.c.request_id.in_(ids), or_(f.c.tenant == r.c.tenant, f.c.tenant == "master"))
+        .where(
+            f.c.request_id.in_({rid for rid, _ in given}),
+            or_(f.c.tenant == r.c.tenant, f.c.tenant == "master"),
+        )
     )
     async with engine.connect() as conn:
         result = await conn.execute(query)
-        return [(str(a), float(b), c) for a, b, c in result.all()]
+        # Only this batch's (request, tenant) pairs: not another caller's older score.
+        return [(str(a), float(c), d) for a, b, c, d in result.all() if (a, b) in given]

@@ -29,9 +29,11 @@ def upgrade() -> None:
         batch.alter_column("tenant", existing_type=sa.String(length=64), nullable=False)
         batch.drop_constraint("pk_feedback", type_="primary")
         batch.create_primary_key("pk_feedback", ["request_id", "tenant"])
+    op.create_index(op.f("ix_feedback_created_at"), "feedback", ["created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_feedback_created_at"), table_name="feedback")
     # One row per request again: keep the latest score of each.
     op.execute(
         "DELETE FROM feedback WHERE EXISTS (SELECT 1 FROM feedback AS f2 WHERE "

@@ -47,7 +47,9 @@ from tests.fakes.server import FakeServer
 
 pytestmark = pytest.mark.e2e
 
-LANGSMITH_KEY = "lsv2_pt_" + "0123456789abcdef" * 2
+LANGSMITH_KEY = "lsv2_pt_" + secrets.token_hex(16) + "_" + secrets.token_hex(5)
+PROVIDER_KEY = "sk-e2e-pii-" + secrets.token_hex(12)
+WEBHOOK = "https://hooks.slack.com/services/T0PII/B0PII/" + secrets.token_hex(12)
 
 
 @dataclass
@@ -100,7 +102,8 @@ def rig(
             "FLYWHEEL_ACCESS_LOG_BODIES": "true",
             "REDIS_URL": redis_url,
             "DATABASE_URL": database_url,
-            "OPENAI_API_KEY": "sk-e2e-pii-0123456789abcdef",
+            "OPENAI_API_KEY": PROVIDER_KEY,
+            "FLYWHEEL_ALERT_WEBHOOK_URL": WEBHOOK,
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
             "LANGSMITH_TRACING": "true",
             "LANGSMITH_API_KEY": LANGSMITH_KEY,
@@ -134,13 +137,19 @@ async def test_planted_pii_and_keys_reach_nothing_but_the_client(
     email = f"jane.{uuid.uuid4().hex[:8]}@example.org"
     card = "4111 1111 1111 1111"  # Luhn-valid (a well-known test number)
     key = "sk-proj-" + secrets.token_urlsafe(30).replace("-", "x").replace("_", "y")
+    groq = "gsk_" + secrets.token_hex(20)
     planted = [
         Planted("email", email),
         Planted("card", card),
         Planted("card digits", card.replace(" ", "")),
         Planted("provider key", key),
+        Planted("groq key", groq),
+        # The gateway's own secrets, never in a prompt: nowhere at all.
+        Planted("LangSmith key", LANGSMITH_KEY),
+        Planted("upstream key", PROVIDER_KEY),
+        Planted("webhook", WEBHOOK),
     ]
-    prompt = f"I am {email}, card {card}, and my key is {key}. Summarise."
+    prompt = f"I am {email}, card {card}, and my keys are {key} and {groq}. Summarise."
     messages = [{"role": "user", "content": prompt}]
     async with httpx.AsyncClient(base_url=rig.url, timeout=20) as client:
         answered = await client.post(

@@ -63,7 +63,16 @@ async def test_feedback_is_stored_replaced_by_its_tenant_and_forwarded(
     assert await drain(c) == 2
     assert await stored(engine, mine) == {"t1": (1.0, None)}
     assert await stored(engine, other) == {"t1": (0.0, None), "t2": (0.9, None)}
+    # t2's score on `other` is not this batch's: not sent again.
     assert sorted(forwarded) == sorted([(mine, 1.0, None), (other, 0.0, None)])
+
+    # A score given earlier but delivered later (another replica, an outage's buffer)
+    # does not replace the newer one.
+    late = FeedbackRecord(mine, 0.1, "t1", time.time() - 60)
+    recorder.ship(late)
+    assert await recorder.flush()
+    assert await drain(c) == 1
+    assert await stored(engine, mine) == {"t1": (1.0, None)}
 
 
 async def test_bad_feedback_is_set_aside_not_retried(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.observability.redact import redact, redact_text
+from app.observability.redact import PII_KINDS, Redactor, Redactors, redact, redact_text
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,11 @@ from app.observability.redact import redact, redact_text
         ("aws AKIAIOSFODNN7EXAMPLE", "aws [SECRET]"),
         ("Authorization: Bearer abcdef123456789", "Authorization: Bearer [SECRET]"),
         ("password=hunter2hunter2", "password=[SECRET]"),
+        ("ls lsv2_pt_0123456789abcdef0123456789abcdef_01234567", "ls [SECRET]"),
+        ("groq gsk_abcdefghijklmnopqrstuvwxyz0123", "groq [SECRET]"),
+        ("hf hf_abcdefghijklmnopqrstuvwxyz0123456789", "hf [SECRET]"),
+        ("post to https://hooks.slack.com/services/T0/B0/XXXXXXXX", "post to https://[SECRET]"),
+        ("db postgres://app:s3cr3tpw@db:5432/x", "db postgres://app:[SECRET]@db:5432/x"),
     ],
 )
 def test_masks(text: str, expected: str) -> None:
@@ -49,3 +54,15 @@ def test_nested_values_keep_their_shape() -> None:
         "n": 2,
         "ok": True,
     }
+
+
+def test_a_route_chooses_its_pii_kinds_but_never_secrets() -> None:
+    text = "mail me@x.io, card 4111 1111 1111 1111, key sk-proj-abcdefghijklmnopqrstuv12"
+    only_cards = Redactors(PII_KINDS, {"cards": ["card"], "none": []})
+    assert only_cards.of("cards").text(text) == "mail me@x.io, card [CARD], key [SECRET]"
+    assert (
+        only_cards.of("none").text(text) == "mail me@x.io, card 4111 1111 1111 1111, key [SECRET]"
+    )
+    assert only_cards.of("other").text(text) == "mail [EMAIL], card [CARD], key [SECRET]"
+    with pytest.raises(ValueError, match="unknown PII kinds"):
+        Redactor(["emails"])
