@@ -23,9 +23,6 @@ from collections import OrderedDict, deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from langsmith import Client
-from langsmith.utils import LangSmithNotFoundError, LangSmithRetry, LangSmithUserError
-
 from app.config import Settings
 from app.observability.redact import Redactor, redact_text
 from app.store.records import RequestRecord
@@ -39,12 +36,6 @@ DEFAULT_ENDPOINT = "https://api.smith.langchain.com"  # the library's own defaul
 BATCH_MAX = 100  # runs per POST (the batch size LangSmith's /info advertises)
 LINGER_S = 0.1  # after a wake, let a batch gather rather than POST once per request
 FEEDBACK_ATTEMPTS = 3  # POST /feedback retries a 404 (run not ingested yet): ~3 s at most
-# One quick retry under the client's own three attempts per batch. Retry-After is not
-# honoured: runs are dropped rather than held (and our thread stalled) for minutes.
-RETRY = LangSmithRetry(
-    total=1, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
-    allowed_methods=None, raise_on_status=False, respect_retry_after_header=False,
-)  # fmt: skip
 # Loggers that report each failed batch (quoting part of the API key) from our thread.
 _NOISY_LOGGERS = ("langsmith.client", "langsmith.utils", "urllib3.connectionpool")
 _RECORD_FACTS = (
@@ -93,13 +84,23 @@ class LangSmithRuns:
         self.sent = self.failures = 0
         # All explicit, so no LANGSMITH_* variable (nor a .env value the process never
         # exported) changes where runs go, what they hide or how many are sampled.
+        # Imported here: the library weighs ~28 MB of memory, for gateways that use it.
+        from langsmith import Client
+        from langsmith.utils import LangSmithRetry
+
+        # One quick retry under the client's own three attempts per batch. Retry-After is
+        # not honoured: runs are dropped rather than held (our thread stalled) for minutes.
+        retry = LangSmithRetry(
+            total=1, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=None, raise_on_status=False, respect_retry_after_header=False,
+        )  # fmt: skip
         self._client = Client(
             api_url=(settings.langsmith_endpoint or DEFAULT_ENDPOINT).rstrip("/"),
             api_key=settings.langsmith_api_key.get_secret_value(),
             workspace_id="",
             auto_batch_tracing=False,
             timeout_ms=(3_000, 10_000),  # batch POSTs use the library's own (3 s, 10 s)
-            retry_config=RETRY,
+            retry_config=retry,
             hide_inputs=False,  # our redaction is the policy; "none" sends no content
             hide_outputs=False,
             hide_metadata=False,
@@ -244,9 +245,11 @@ class LangSmithRuns:
     def _session_id(self) -> uuid.UUID | None:
         # Feedback names the run's project: LangSmith deprecates feedback without one.
         if self._project_id is None:
+            from langsmith import utils as ls_utils
+
             try:
                 self._project_id = self._client.read_project(project_name=self._project).id
-            except LangSmithNotFoundError:
+            except ls_utils.LangSmithNotFoundError:
                 return None  # no run has reached the project yet
         return self._project_id
 
@@ -375,6 +378,8 @@ def make_langsmith(settings: Settings) -> LangSmithRuns | None:
     """The run sender, or None unless LANGSMITH_TRACING is on and a key is set."""
     if not (settings.langsmith_tracing and settings.langsmith_api_key):
         return None
+    from langsmith.utils import LangSmithUserError
+
     try:
         return LangSmithRuns(settings)
     except LangSmithUserError as e:  # e.g. LANGSMITH_RUNS_ENDPOINTS beside an endpoint
