@@ -22,7 +22,7 @@ from app.observability.access_log import render_json, render_text
 from app.observability.redact import redact_text
 
 # Set by the fast path and the request-id middleware for the task serving a request.
-# Lines waiting for the writer thread; past this, QueueHandler drops (and reports) them.
+# Lines waiting for the writer thread; past this, new lines are dropped (and counted).
 LOG_QUEUE = 10_000
 REQUEST_ID: ContextVar[str | None] = ContextVar("flywheel_request_id", default=None)
 
@@ -108,19 +108,27 @@ def configure_logging(level: str = "INFO", *, json: bool = False) -> None:
         if isinstance(old, _Enqueue):
             old.listener.stop()
             atexit.unregister(old.listener.stop)
+    formatter = JsonFormatter() if json else TextFormatter()
     writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(JsonFormatter() if json else TextFormatter())
+    writer.setFormatter(formatter)
     handler = _Enqueue(Queue(LOG_QUEUE), writer)
     handler.addFilter(RequestContext())  # in the logging thread: the context is there
     handler.listener.start()
     atexit.register(handler.listener.stop)  # writes what is queued before exiting
     root.handlers[:] = [handler]
-    # arq (the worker) and uvicorn configure handlers of their own, which would write
-    # unmasked tracebacks straight to stderr from the event loop: theirs go through ours.
-    for name in ("arq", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    # arq (the worker) goes through ours. uvicorn's lines are written at once, masked and
+    # formatted like ours: uvicorn re-raises the signal that stopped it right after its
+    # last line, which ends the process before a queue's thread could write it.
+    direct = logging.StreamHandler(sys.stderr)
+    direct.setFormatter(formatter)
+    direct.addFilter(RequestContext())
+    for name, handlers in (("arq", []), ("uvicorn", [direct])):
         logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
+        logger.handlers[:] = handlers
+        logger.propagate = not handlers
+    for name in ("uvicorn.error", "uvicorn.access"):  # to "uvicorn", then no further
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
     # DEBUG is for the gateway's own loggers. Libraries' debug output is beyond its
     # control and may carry secrets: aiosqlite logs every statement with its parameters,
     # API key hashes included.
