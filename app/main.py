@@ -75,8 +75,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     redis = make_redis(settings)
     requests = RequestCounter(routes.routes)  # flywheel_requests_total, as recorded
-    access = AccessLog(bodies=settings.flywheel_access_log_bodies)
-    if settings.flywheel_access_log:
+    access = (
+        AccessLog(settings.flywheel_access_log_bodies) if settings.flywheel_access_log else None
+    )
+    if access is not None:
         access.start()
     recorder = CountedRecorder(
         redis,
@@ -85,7 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         maxlen=settings.flywheel_records_stream_maxlen,
         interval_s=settings.flywheel_records_interval_s,
         redactors=app.state.redactors,
-        access=access if settings.flywheel_access_log else None,
+        access=access,
         counter=requests,
     )
     recorder.start()
@@ -97,8 +99,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
     http_limits = HttpLimits(settings)
     langsmith = make_langsmith(settings)
-    if langsmith is not None:
-        langsmith.start()
     sweep_task = asyncio.create_task(http_limits.sweep_forever(), name="http-limits")
     gateway_metrics = make_metrics(
         dispatcher,
@@ -172,7 +172,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tokens.close()
         await cache.stop()
         await recorder.stop()
-        await access.stop()
+        if access is not None:
+            await access.stop()
         gateway_metrics.close()  # after the last record is counted
         await http.close()
         if redis is not None:

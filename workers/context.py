@@ -6,6 +6,8 @@ Built once in arq's `on_startup` and kept in arq's ctx dict under one typed key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 import time
@@ -20,6 +22,7 @@ from app.observability.tracing import Tracing, make_tracing
 from app.store.db import make_engine
 
 CTX_KEY = "flywheel"
+log = logging.getLogger("flywheel.worker")
 
 
 @dataclass(slots=True)
@@ -54,3 +57,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if isinstance(wctx, WorkerContext):
         await wctx.engine.dispose()
         await asyncio.to_thread(wctx.tracing.shutdown)  # flushes queued spans, bounded
+
+
+async def finish(task: asyncio.Task[None], wait_s: float, what: str) -> None:
+    """Let a long-lived task (told to stop) finish its work in hand, for up to `wait_s`;
+    past that, cancel it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), wait_s)
+    except TimeoutError:
+        log.warning("%s did not stop in %.0f s; cancelling it", what, wait_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -131,6 +131,8 @@ async def sse_body(
             lease.abandoned()
         else:
             lease.failed(Failure.UPSTREAM)
+        if disconnected and not complete:
+            status = 499  # the client left: what the record and the span say
         usage = tally.usage
         estimated = usage is None
         if usage is None:
@@ -138,7 +140,7 @@ async def sse_body(
             usage = {"prompt_tokens": prompt_tokens(request), "completion_tokens": completion}
         exchange.record(
             recorder,
-            status=status if complete or not disconnected else 499,
+            status=status,
             usage=usage,
             finish_reason=tally.finish,
             error_code=error_code,
@@ -174,5 +176,5 @@ def _end_span(
             "error.type": error_type,
         },
     )
-    mark_error(span, status if complete or not disconnected else 499, error_type)
+    mark_error(span, status, error_type)
     span.end()

@@ -120,7 +120,7 @@ def render_text(batch: list[RequestRecord], bodies: bool) -> str:
 
 class AccessLog:
     def __init__(
-        self, *, bodies: bool = False, capacity: int = 50_000, interval_s: float = 0.1
+        self, bodies: bool = False, *, capacity: int = 50_000, interval_s: float = 0.1
     ) -> None:
         self._pending: deque[RequestRecord] = deque(maxlen=capacity)
         self._bodies = bodies

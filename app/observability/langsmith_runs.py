@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,7 +46,7 @@ _RECORD_FACTS = (
 _PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "seed", "stream")
 
 _Run = tuple[RequestRecord, Any, Any, Redactor]
-_Feedback = tuple[str, float, str | None, str]
+_Feedback = tuple[str, float, str | None, datetime | None, str]
 
 
 def run_id(request_id: str) -> uuid.UUID:
@@ -70,7 +70,6 @@ class LangSmithRuns:
         self._cap = settings.flywheel_langsmith_queue
         self._runs: deque[_Run] = deque(maxlen=self._cap)
         self._feedback: deque[_Feedback] = deque(maxlen=self._cap)
-        self._starts: OrderedDict[uuid.UUID, datetime] = OrderedDict()  # run starts, for feedback
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._filter = _NotOnThread()
@@ -134,12 +133,18 @@ class LangSmithRuns:
                 self._wake.set()
 
     def feedback(
-        self, request_id: str, score: float, comment: str | None, key: str = "user_score"
+        self,
+        request_id: str,
+        score: float,
+        comment: str | None,
+        start_time: datetime | None = None,
+        key: str = "user_score",
     ) -> None:
+        """`start_time`: the request's, when known (the worker reads it with the score)."""
         if not self._closed:
             if len(self._feedback) == self._feedback.maxlen:
                 self._dropped += 1
-            self._feedback.append((request_id, score, comment, key))
+            self._feedback.append((request_id, score, comment, start_time, key))
             if not self._wake.is_set():
                 self._wake.set()
 
@@ -222,7 +227,9 @@ class LangSmithRuns:
                 self._error = e
             self._settle(len(runs), self._error)
 
-    def _send_feedback(self, request_id: str, score: float, comment: str | None, key: str) -> None:
+    def _send_feedback(
+        self, request_id: str, score: float, comment: str | None, start: datetime | None, key: str
+    ) -> None:
         rid = run_id(request_id)
         if comment is not None:
             comment = None if self._content == "none" else redact_text(comment)
@@ -234,7 +241,7 @@ class LangSmithRuns:
                 score=score,
                 comment=comment,
                 session_id=self._session_id(),
-                start_time=self._starts.get(rid),
+                start_time=start,
                 stop_after_attempt=FEEDBACK_ATTEMPTS,
             )
         except Exception as e:  # noqa: BLE001 - as for runs
@@ -277,9 +284,6 @@ class LangSmithRuns:
     ) -> dict[str, Any]:
         rid = run_id(rec.request_id)
         start = datetime.fromtimestamp(rec.started_at, UTC)
-        self._starts[rid] = start
-        if len(self._starts) > self._cap:
-            self._starts.popitem(last=False)
         inputs: Any
         outputs: dict[str, Any]
         if self._content == "none":
@@ -375,13 +379,15 @@ def _metadata(rec: RequestRecord, request: Any) -> dict[str, Any]:
 
 
 def make_langsmith(settings: Settings) -> LangSmithRuns | None:
-    """The run sender, or None unless LANGSMITH_TRACING is on and a key is set."""
+    """The run sender, started, or None unless LANGSMITH_TRACING is on and a key is set."""
     if not (settings.langsmith_tracing and settings.langsmith_api_key):
         return None
     from langsmith.utils import LangSmithUserError
 
     try:
-        return LangSmithRuns(settings)
+        runs = LangSmithRuns(settings)
     except LangSmithUserError as e:  # e.g. LANGSMITH_RUNS_ENDPOINTS beside an endpoint
         log.error("LangSmith tracing off: %s", redact_text(str(e)))
         return None
+    runs.start()
+    return runs

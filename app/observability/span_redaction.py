@@ -54,6 +54,15 @@ def redacted(span: ReadableSpan, redactor: Redactor) -> ReadableSpan:
     )
 
 
+def _route(span: ReadableSpan) -> str | None:
+    route = (span.attributes or {}).get("flywheel.route")
+    return route if isinstance(route, str) else None
+
+
+def _trace_id(span: ReadableSpan) -> int:
+    return span.context.trace_id if span.context is not None else 0
+
+
 class RedactingExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, redactors: Redactors) -> None:
         self.inner = inner
@@ -61,18 +70,15 @@ class RedactingExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         # Child spans (auth, cache, upstream HTTP) take the route their trace's spans name.
-        routes: dict[int, str] = {}
-        for span in spans:
-            route = (span.attributes or {}).get("flywheel.route")
-            if isinstance(route, str) and span.context is not None:
-                routes.setdefault(span.context.trace_id, route)
-        out = []
-        for span in spans:
-            route = (span.attributes or {}).get("flywheel.route")
-            if not isinstance(route, str) and span.context is not None:
-                route = routes.get(span.context.trace_id)
-            redactor = self._redactors.of(route if isinstance(route, str) else None)
-            out.append(redacted(span, redactor))
+        own = [_route(span) for span in spans]
+        by_trace: dict[int, str] = {}
+        for span, route in zip(spans, own, strict=True):
+            if route is not None:
+                by_trace.setdefault(_trace_id(span), route)
+        out = [
+            redacted(span, self._redactors.of(route or by_trace.get(_trace_id(span))))
+            for span, route in zip(spans, own, strict=True)
+        ]
         return self.inner.export(out)
 
     def shutdown(self) -> None:

@@ -37,9 +37,8 @@ QUEUE = 4096
 BATCH = 512
 DELAY_MS = 1000
 PROPAGATOR = TraceContextTextMapPropagator()
-_OFF = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
-NO_SPAN: Span = _OFF  # what spans are when tracing is off
-_NULL = contextlib.nullcontext(_OFF)
+NO_SPAN: Span = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)  # every span, tracing off
+_NULL = contextlib.nullcontext(NO_SPAN)
 
 
 class _HeaderGetter(Getter[Mapping[str, str]]):
@@ -93,7 +92,7 @@ class Tracing:
         block it starts in (a stream's body runs across yields, where attaching a
         context and detaching it again is not safe); the caller ends it."""
         if not self.enabled or parent is None:
-            return _OFF
+            return NO_SPAN
         ctx = trace.set_span_in_context(parent)
         return self.tracer.start_span(name, context=ctx, attributes=_clean(attributes))
 

@@ -77,7 +77,8 @@ class Consolidator:
     # With tracing on, each stored record gets a span in its request's trace.
     tracing: Tracing | None = None
     # Stored feedback that names a request of its tenant goes here (LangSmith).
-    on_feedback: Callable[[str, float, str | None], None] | None = None
+    # (request id, score, comment, the request's start: where LangSmith files its run)
+    on_feedback: Callable[[str, float, str | None, datetime], None] | None = None
 
     @property
     def stream(self) -> str:
@@ -167,8 +168,8 @@ class Consolidator:
             log.info(
                 "%d feedback items name no request of theirs (yet)", len(set(ids)) - len(matched)
             )
-        for request_id, score, comment in matched:
-            self.on_feedback(request_id, score, comment)
+        for request_id, score, comment, started in matched:
+            self.on_feedback(request_id, score, comment, started)
 
     def _trace(self, records: list[dict[str, Any]], started_ns: int) -> None:
         """A span per stored record, in the trace of the request it records (the gateway

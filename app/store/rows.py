@@ -161,17 +161,18 @@ async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
             await conn.execute(stmt)
 
 
-async def matched_feedback(
-    engine: AsyncEngine, items: list[dict[str, Any]]
-) -> list[tuple[str, float, str | None]]:
+Matched = tuple[str, float, str | None, datetime]
+
+
+async def matched_feedback(engine: AsyncEngine, items: list[dict[str, Any]]) -> list[Matched]:
     """Of these feedback rows (as stored), those on a request of the tenant that gave
-    them (or given with the master key): (request id, score, comment)."""
+    them (or given with the master key): (request id, score, comment, request start)."""
     if not items:
         return []
     given = {(str(f["request_id"]), str(f["tenant"])) for f in items}
     f, r = FEEDBACK, REQUESTS
     query = (
-        select(f.c.request_id, f.c.tenant, f.c.score, f.c.comment)
+        select(f.c.request_id, f.c.tenant, f.c.score, f.c.comment, r.c.created_at)
         .join(r, r.c.id == f.c.request_id)
         .where(
             f.c.request_id.in_({rid for rid, _ in given}),
@@ -181,4 +182,4 @@ async def matched_feedback(
     async with engine.connect() as conn:
         result = await conn.execute(query)
         # Only this batch's (request, tenant) pairs: not another caller's older score.
-        return [(str(a), float(c), d) for a, b, c, d in result.all() if (a, b) in given]
+        return [(str(a), float(c), d, e) for a, b, c, d, e in result.all() if (a, b) in given]

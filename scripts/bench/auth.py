@@ -31,22 +31,13 @@ from bench import check, wrk
 from bench.body import ChatBody
 from bench.gateway import UNREACHABLE_LIMIT, Gateway, GatewaySetup
 from bench.procs import BenchError, Processes
+from bench.rounds import ROUNDS, added, alternate, priced_routes
 from bench.wrk import WrkResult
 
 MASTER_KEY = "bench-master-key-auth-0123456789"
 CONNECTIONS = 1
-ROUNDS = 4  # even: each side goes first as often as second
 WARMUP_S = 1.0
 ROUTE = "bench-auth"
-ROUTES = """\
-routes:
-  bench-auth:
-    strategy: priority
-    deployments:
-      - {{name: nginx-json, provider: openai_compatible, model: gpt-4o-mini,
-          api_base: "http://127.0.0.1:{port}/v1",
-          input_cost_per_1k: 0.00015, output_cost_per_1k: 0.0006}}
-"""
 # High enough never to refuse: the bench measures the checks, not refusals.
 KEY_SPEC = {
     "name": "bench",
@@ -73,7 +64,8 @@ def setup(tmp: Path, upstream_port: int, redis_url: str) -> GatewaySetup:
         ("FLYWHEEL_HTTP_LIMIT_IP", UNREACHABLE_LIMIT),
         ("FLYWHEEL_HTTP_LIMIT_CHAT", UNREACHABLE_LIMIT),
     )
-    return GatewaySetup(tmp, upstream_port, redis_url, routes_template=ROUTES, extra_env=env)
+    routes = priced_routes(ROUTE)
+    return GatewaySetup(tmp, upstream_port, redis_url, routes_template=routes, extra_env=env)
 
 
 def _call(
@@ -169,8 +161,7 @@ def measure(
     body = ChatBody(ROUTE, stream=False, unique=unique)
     url = f"{gateway.url}/v1/chat/completions"
     per_round = max(1.0, round(seconds / ROUNDS))
-    results: dict[str, list[WrkResult]] = {side: [] for side in SIDES}
-    cpu = dict.fromkeys(results, 0.0)
+    cpu = dict.fromkeys(SIDES, 0.0)
     try:
         auth = {"anon": None, "key": f"Bearer {create_key(gateway)}"}
         progress(f"  auth   anon     answers OK ({check.verify(url, body, authorization=None)})")
@@ -190,36 +181,34 @@ def measure(
                 seconds=WARMUP_S,
                 authorization=auth[side],
             )
-        for n in range(ROUNDS):
-            order = SIDES if n % 2 == 0 else SIDES[::-1]
-            for side in order:
-                before, cpu0 = limiter_counts(gateway), gateway.cpu_seconds()
-                res = wrk.run(
-                    wrk_bin,
-                    url,
-                    body,
-                    connections=CONNECTIONS,
-                    seconds=per_round,
-                    authorization=auth[side],
-                )
-                cpu[side] += gateway.cpu_seconds() - cpu0
-                gateway.check_alive()
-                _check_round(side, res, before, limiter_counts(gateway))
-                results[side].append(res)
-                progress(
-                    f"  auth   c={CONNECTIONS:<3} {side:<5} r{n + 1}  {res.rps:>8.0f} req/s  "
-                    f"p50 {res.p50_ms:6.3f}  p90 {res.p90_ms:6.3f}  "
-                    f"p99 {res.p99_ms:6.3f} ms  errors {res.errors}"
-                )
+
+        def one_round(side: str, n: int) -> WrkResult:
+            before, cpu0 = limiter_counts(gateway), gateway.cpu_seconds()
+            res = wrk.run(
+                wrk_bin,
+                url,
+                body,
+                connections=CONNECTIONS,
+                seconds=per_round,
+                authorization=auth[side],
+            )
+            cpu[side] += gateway.cpu_seconds() - cpu0
+            gateway.check_alive()
+            _check_round(side, res, before, limiter_counts(gateway))
+            progress(
+                f"  auth   c={CONNECTIONS:<3} {side:<5} r{n + 1}  {res.rps:>8.0f} req/s  "
+                f"p50 {res.p50_ms:6.3f}  p90 {res.p90_ms:6.3f}  "
+                f"p99 {res.p99_ms:6.3f} ms  errors {res.errors}"
+            )
+            return res
+
+        results = alternate(SIDES, one_round)
     finally:
         procs.stop(gateway.proc)
     fig: dict[str, float] = {"auth.rounds": ROUNDS, "auth.round_s": per_round}
     for side in SIDES:
         fig.update(_side_figures(side, results[side], cpu[side]))
-    pairs = list(zip(results["anon"], results["key"], strict=True))
-    for p in ("p50", "p99"):
-        diffs = [getattr(k, f"{p}_ms") - getattr(a, f"{p}_ms") for a, k in pairs]
-        fig[f"auth.added_{p}_ms"] = statistics.median(diffs)
+    fig.update({f"auth.{k}": v for k, v in added(results, "anon", "key").items()})
     fig["auth.added_cpu_ms_per_req"] = (
         fig["auth.key.cpu_ms_per_req"] - fig["auth.anon.cpu_ms_per_req"]
     )

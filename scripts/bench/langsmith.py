@@ -25,22 +25,13 @@ from bench import check, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup
 from bench.procs import BenchError, Processes
+from bench.rounds import ROUNDS, added, alternate, priced_routes
 from bench.wrk import WrkResult
 
 CONNECTIONS = 1
-ROUNDS = 4  # even: each side goes first as often as second
 WARMUP_S = 1.0
 SIDES = ("off", "hanging")
 ROUTE = "bench-ls"
-ROUTES = """\
-routes:
-  bench-ls:
-    strategy: priority
-    deployments:
-      - {{name: nginx-json, provider: openai_compatible, model: gpt-4o-mini,
-          api_base: "http://127.0.0.1:{port}/v1",
-          input_cost_per_1k: 0.00015, output_cost_per_1k: 0.0006}}
-"""
 _LS = re.compile(
     r'^flywheel_langsmith_(?:items_total\{outcome="(\w+)"\}|(pending))\s+([0-9.eE+-]+)$', re.M
 )
@@ -64,9 +55,10 @@ def setups(
         ("LANGSMITH_PROJECT", "bench"),
     )
     off = (("LANGSMITH_TRACING", "false"),)
+    routes = priced_routes(ROUTE)
     return {
-        "off": GatewaySetup(tmp / "off", upstream_port, redis_url, ROUTES, off),
-        "hanging": GatewaySetup(tmp / "hanging", upstream_port, redis_url, ROUTES, hanging),
+        "off": GatewaySetup(tmp / "off", upstream_port, redis_url, routes, off),
+        "hanging": GatewaySetup(tmp / "hanging", upstream_port, redis_url, routes, hanging),
     }
 
 
@@ -100,22 +92,23 @@ def measure(
     gateways = {side: gateway_setups[side].start(procs)[0] for side in SIDES}
     body = ChatBody(ROUTE, stream=False, unique=unique)
     per_round = max(1.0, round(seconds / ROUNDS))
-    results: dict[str, list[WrkResult]] = {side: [] for side in SIDES}
     try:
         for side in SIDES:
             url = f"{gateways[side].url}/v1/chat/completions"
             progress(f"  ls     {side:<8} answers OK ({check.verify(url, body)})")
             wrk.run(wrk_bin, url, body, connections=CONNECTIONS, seconds=WARMUP_S)
-        for n in range(ROUNDS):
-            for side in SIDES if n % 2 == 0 else SIDES[::-1]:
-                url = f"{gateways[side].url}/v1/chat/completions"
-                res = wrk.run(wrk_bin, url, body, connections=CONNECTIONS, seconds=per_round)
-                gateways[side].check_alive()
-                results[side].append(res)
-                progress(
-                    f"  ls     c={CONNECTIONS:<3} {side:<8} r{n + 1}  {res.rps:>8.0f} req/s  "
-                    f"p50 {res.p50_ms:6.3f}  p99 {res.p99_ms:6.3f} ms  errors {res.errors}"
-                )
+
+        def one_round(side: str, n: int) -> WrkResult:
+            url = f"{gateways[side].url}/v1/chat/completions"
+            res = wrk.run(wrk_bin, url, body, connections=CONNECTIONS, seconds=per_round)
+            gateways[side].check_alive()
+            progress(
+                f"  ls     c={CONNECTIONS:<3} {side:<8} r{n + 1}  {res.rps:>8.0f} req/s  "
+                f"p50 {res.p50_ms:6.3f}  p99 {res.p99_ms:6.3f} ms  errors {res.errors}"
+            )
+            return res
+
+        results = alternate(SIDES, one_round)
         # Warm-up and check requests count too: everything the hanging side answered.
         _check(gateways, {s: sum(r.requests for r in results[s]) for s in SIDES})
     finally:
@@ -126,10 +119,7 @@ def measure(
         for name in ("rps", "p50_ms", "p99_ms"):
             fig[f"ls.{side}.{name}"] = statistics.median(getattr(r, name) for r in results[side])
         fig[f"ls.{side}.errors"] = sum(r.errors for r in results[side])
-    pairs = list(zip(results["off"], results["hanging"], strict=True))
-    for p in ("p50", "p99"):
-        diffs = [getattr(h, f"{p}_ms") - getattr(o, f"{p}_ms") for o, h in pairs]
-        fig[f"ls.added_{p}_ms"] = statistics.median(diffs)
+    fig.update({f"ls.{k}": v for k, v in added(results, "off", "hanging").items()})
     progress(
         f"  ls     added (hanging - off, median of {ROUNDS} rounds): "
         f"p50 {fig['ls.added_p50_ms']:.3f} ms  p99 {fig['ls.added_p99_ms']:.3f} ms"

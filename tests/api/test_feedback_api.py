@@ -9,26 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from app.config import Settings
 from app.main import create_app
-from app.store.consolidation import stream_key
-from app.store.records import decode_entries
+from tests.api.test_records_api import shipped
 from tests.conftest import Served, create_key, openai_route, routes_for
 from tests.fakes.server import FakeServer
 
 MASTER = "fw-master-key-for-feedback-tests-0123456789"
-
-
-async def shipped(redis_url: str, prefix: str) -> list[dict[str, Any]]:
-    redis = Redis.from_url(redis_url)
-    try:
-        entries = await redis.xrange(stream_key(prefix))
-        await redis.delete(stream_key(prefix))
-    finally:
-        await redis.aclose()
-    return decode_entries(entries)
 
 
 @pytest.fixture

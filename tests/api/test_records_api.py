@@ -20,14 +20,19 @@ from tests.fakes.server import FakeServer
 SECRET_TEXT = "I am bob@example.com, key sk-live-abcdefghijklmnopqrstuvwx"
 
 
-async def records(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
+async def shipped(redis_url: str, prefix: str) -> list[dict[str, Any]]:
+    """What gateways put on the request stream under `prefix`, in order (then removed)."""
     redis = Redis.from_url(redis_url)
     try:
         entries = await redis.xrange(stream_key(prefix))
         await redis.delete(stream_key(prefix))
     finally:
         await redis.aclose()
-    return {r["request_id"]: r for r in decode_entries(entries)}
+    return decode_entries(entries)
+
+
+async def records(redis_url: str, prefix: str) -> dict[str, dict[str, Any]]:
+    return {r["request_id"]: r for r in await shipped(redis_url, prefix)}
 
 
 async def test_records_carry_tenant_error_type_and_opted_in_bodies(

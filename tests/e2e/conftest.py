@@ -71,6 +71,33 @@ def start_gateway(
     )
 
 
+# The runner's own settings and keys stay out of the processes under test.
+NOT_INHERITED = ("FLYWHEEL_", "OTEL_", "LANGSMITH_", "OPENAI", "ANTHROPIC", "GEMINI")
+
+
+def process_env(
+    tmp: Path,
+    routes: dict[str, object],
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    **settings: str,
+) -> dict[str, str]:
+    """The environment of a gateway and worker under test: `routes` written to a routes
+    file in `tmp` (also the var dir), the test Redis under `prefix`, the test database."""
+    path = tmp / "routes.yaml"
+    path.write_text(yaml.safe_dump(routes))
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)},
+        "FLYWHEEL_CONFIG": str(path),
+        "FLYWHEEL_VAR_DIR": str(tmp),
+        "FLYWHEEL_REDIS_PREFIX": prefix,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        **settings,
+    }
+
+
 def start_worker(env: dict[str, str], log: IO[bytes], *options: str) -> subprocess.Popen[bytes]:
     """An arq worker as production runs it (`options` go before the settings path)."""
     return subprocess.Popen(

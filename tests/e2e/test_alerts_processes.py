@@ -11,7 +11,6 @@ to the webhook exactly once while the cooldown lasts, however many ticks see the
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections import Counter
@@ -22,9 +21,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
-from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wait_for
+from tests.e2e.conftest import free_port, process_env, start_gateway, start_worker, stop, wait_for
 from tests.fakes.openai_fake import openai_fake
 from tests.fakes.server import FakeServer
 from tests.fakes.webhook import WebhookFake
@@ -78,25 +76,23 @@ def rig(
     tmp = tmp_path_factory.mktemp("alerts")
     route = f"spk-{uuid.uuid4().hex[:8]}"
     with openai_fake() as upstream, WebhookFake() as webhook:
-        (tmp / "routes.yaml").write_text(yaml.safe_dump(_routes(route, upstream)))
         port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "OPENAI"))},
-            "FLYWHEEL_CONFIG": str(tmp / "routes.yaml"),
-            "FLYWHEEL_VAR_DIR": str(tmp),
-            "FLYWHEEL_REDIS_PREFIX": f"{key_prefix}alerts{uuid.uuid4().hex[:6]}:",
-            "FLYWHEEL_MASTER_KEY": MASTER,
-            "FLYWHEEL_ALERT_INTERVAL_S": "1",
-            "FLYWHEEL_ALERT_WINDOW_S": str(WINDOW_S),
-            "FLYWHEEL_ALERT_BASELINE_S": "120",
-            "FLYWHEEL_ALERT_MIN_SAMPLES": str(MIN_SAMPLES),
-            "FLYWHEEL_ALERT_COOLDOWN_S": "600",
-            "FLYWHEEL_ALERT_WEBHOOK_URL": webhook.url,
-            "FLYWHEEL_ALERT_WEBHOOK_RETRIES": "2",
-            "REDIS_URL": redis_url,
-            "DATABASE_URL": database_url,
-            "OPENAI_API_KEY": "sk-e2e-openai-0123456789",
-        }
+        env = process_env(
+            tmp,
+            _routes(route, upstream),
+            redis_url,
+            database_url,
+            f"{key_prefix}alerts{uuid.uuid4().hex[:6]}:",
+            FLYWHEEL_MASTER_KEY=MASTER,
+            FLYWHEEL_ALERT_INTERVAL_S="1",
+            FLYWHEEL_ALERT_WINDOW_S=str(WINDOW_S),
+            FLYWHEEL_ALERT_BASELINE_S="120",
+            FLYWHEEL_ALERT_MIN_SAMPLES=str(MIN_SAMPLES),
+            FLYWHEEL_ALERT_COOLDOWN_S="600",
+            FLYWHEEL_ALERT_WEBHOOK_URL=webhook.url,
+            FLYWHEEL_ALERT_WEBHOOK_RETRIES="2",
+            OPENAI_API_KEY="sk-e2e-openai-0123456789",
+        )
         with (tmp / "processes.log").open("wb") as log:
             worker = start_worker(env, log)
             gateway = start_gateway(env, port, log, "--no-access-log")

@@ -18,7 +18,6 @@ the response cache, which must answer with what the model said: this route does 
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -28,10 +27,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from app.observability.langsmith_runs import run_id
-from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wait_for
+from tests.e2e.conftest import free_port, process_env, start_gateway, start_worker, stop, wait_for
 from tests.e2e.test_secret_leaks import (
     Corpus,
     Planted,
@@ -86,30 +84,24 @@ def rig(
             "bodies": {"store": True},
         },
     }
-    (tmp / "routes.yaml").write_text(yaml.safe_dump({"routes": routes}))
     prefix = f"{key_prefix}pii{uuid.uuid4().hex[:6]}:"
     with otlp_collector() as collector, LangSmithFake(LANGSMITH_KEY) as langsmith:
-        env = {
-            **{
-                k: v
-                for k, v in os.environ.items()
-                if not k.startswith(("FLYWHEEL_", "OTEL_", "LANGSMITH_", "OPENAI"))
-            },
-            "FLYWHEEL_CONFIG": str(tmp / "routes.yaml"),
-            "FLYWHEEL_VAR_DIR": str(tmp),
-            "FLYWHEEL_REDIS_PREFIX": prefix,
-            "FLYWHEEL_LOG_LEVEL": "DEBUG",
-            "FLYWHEEL_ACCESS_LOG_BODIES": "true",
-            "REDIS_URL": redis_url,
-            "DATABASE_URL": database_url,
-            "OPENAI_API_KEY": PROVIDER_KEY,
-            "FLYWHEEL_ALERT_WEBHOOK_URL": WEBHOOK,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
-            "LANGSMITH_TRACING": "true",
-            "LANGSMITH_API_KEY": LANGSMITH_KEY,
-            "LANGSMITH_ENDPOINT": langsmith.url,
-            "LANGSMITH_PROJECT": "pii-e2e",
-        }
+        env = process_env(
+            tmp,
+            {"routes": routes},
+            redis_url,
+            database_url,
+            prefix,
+            FLYWHEEL_LOG_LEVEL="DEBUG",
+            FLYWHEEL_ACCESS_LOG_BODIES="true",
+            OPENAI_API_KEY=PROVIDER_KEY,
+            FLYWHEEL_ALERT_WEBHOOK_URL=WEBHOOK,
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+            LANGSMITH_TRACING="true",
+            LANGSMITH_API_KEY=LANGSMITH_KEY,
+            LANGSMITH_ENDPOINT=langsmith.url,
+            LANGSMITH_PROJECT="pii-e2e",
+        )
         log = (tmp / "processes.log").open("wb")
         worker = start_worker(env, log)
         port = free_port()

@@ -6,7 +6,6 @@ same trace, and the worker's span for storing the request's record joins it too.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -14,9 +13,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
-from tests.e2e.conftest import free_port, start_gateway, start_worker, stop, wait_for
+from tests.e2e.conftest import free_port, process_env, start_gateway, start_worker, stop, wait_for
 from tests.fakes.otlp_collector import CollectedSpan, collected, otlp_collector
 from tests.fakes.server import FakeServer
 
@@ -32,7 +30,6 @@ def traced_system(
     openai_upstream: FakeServer,
 ) -> Iterator[tuple[str, FakeServer]]:
     tmp = tmp_path_factory.mktemp("tracing")
-    routes = tmp / "routes.yaml"
     deployment = {
         "name": "fake",
         "provider": "openai_compatible",
@@ -41,19 +38,17 @@ def traced_system(
         "api_key_env": "OPENAI_API_KEY",
     }
     route = {"deployments": [deployment], "cache": {"mode": "on", "ttl_s": 60}}
-    routes.write_text(yaml.safe_dump({"routes": {"r1": route}}))
     with otlp_collector() as collector:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "OTEL_"))},
-            "FLYWHEEL_CONFIG": str(routes),
-            "FLYWHEEL_VAR_DIR": str(tmp),
-            "FLYWHEEL_REDIS_PREFIX": f"{key_prefix}tr{uuid.uuid4().hex[:6]}:",
-            "REDIS_URL": redis_url,
-            "DATABASE_URL": database_url,
-            "OPENAI_API_KEY": "sk-e2e-trace-0123456789",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
-            "FLYWHEEL_MASTER_KEY": MASTER,
-        }
+        env = process_env(
+            tmp,
+            {"routes": {"r1": route}},
+            redis_url,
+            database_url,
+            f"{key_prefix}tr{uuid.uuid4().hex[:6]}:",
+            OPENAI_API_KEY="sk-e2e-trace-0123456789",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
+            FLYWHEEL_MASTER_KEY=MASTER,
+        )
         log = (tmp / "processes.log").open("wb")
         worker = start_worker(env, log)
         port = free_port()

@@ -49,7 +49,7 @@ async def test_feedback_is_stored_replaced_by_its_tenant_and_forwarded(
     assert await recorder.flush()
     forwarded: list[tuple[str, float, str | None]] = []
     c = consolidator(redis, engine, prefix, "w1", block_s=0.05)
-    c.on_feedback = lambda rid, score, comment: forwarded.append((rid, score, comment))
+    c.on_feedback = lambda rid, score, comment, _started: forwarded.append((rid, score, comment))
     await c.ensure_group()
     assert await drain(c) == 4
     # Masked before it left the gateway process, as everything stored is.

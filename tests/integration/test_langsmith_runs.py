@@ -256,10 +256,13 @@ def test_content_none_sends_no_content(fake: LangSmithFake) -> None:
 
 
 def test_feedback_arrives_for_the_requests_run(fake: LangSmithFake) -> None:
+    scored = record("chatcmpl-scored")
     with langsmith_runs(fake) as runs:
-        runs.submit(record("chatcmpl-scored"), CHAT_REQUEST, CHAT_RESPONSE, REDACTOR)
+        runs.submit(scored, CHAT_REQUEST, CHAT_RESPONSE, REDACTOR)
         wait_until(lambda: runs.sent == 1)
-        runs.feedback("chatcmpl-scored", 0.25, f"wrong, mail {EMAIL}")
+        # The worker that sends feedback reads the request's start with the score.
+        started = datetime.fromtimestamp(scored.started_at, UTC)
+        runs.feedback("chatcmpl-scored", 0.25, f"wrong, mail {EMAIL}", started)
         runs.feedback("chatcmpl-scored", 1.0, None, key="judge")
         wait_until(lambda: runs.sent == 3)
 

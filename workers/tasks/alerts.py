@@ -32,7 +32,7 @@ from app.config import Settings
 from app.observability.anomaly import Candidate, Thresholds, detect, triage
 from app.store.alerts import Span, alert_json, deployment_stats, insert_alert, set_webhook_status
 from app.store.db import DB_ERRORS
-from workers.context import get_context
+from workers.context import finish, get_context
 
 log = logging.getLogger("flywheel.alerts")
 TASK_KEY = "alerts"
@@ -295,14 +295,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         return
     loop, task, http = held
     loop.stop()
-    try:
-        # A tick in progress finishes (its webhook deliveries included) within bounds.
-        await asyncio.wait_for(asyncio.shield(task), STOP_WAIT_S)
-    except TimeoutError:
-        log.warning("anomaly detection did not stop in %.0f s; cancelling it", STOP_WAIT_S)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # A tick in progress finishes (its webhook deliveries included) within bounds.
+    await finish(task, STOP_WAIT_S, "anomaly detection")
     if http is not None:
         await http.close()
 

@@ -8,7 +8,6 @@ shutdown, finishes (and acknowledges) the batch in hand before the worker exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -21,7 +20,7 @@ from app.store.consolidation import (
     consolidation_status,
     prune_consumers,
 )
-from workers.context import get_context
+from workers.context import finish, get_context
 from workers.tracking import tracked
 
 log = logging.getLogger("flywheel.worker")
@@ -48,7 +47,6 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     # Feedback is forwarded from here, once it is known to name a request of its tenant.
     langsmith = make_langsmith(s)
     if langsmith is not None:
-        langsmith.start()
         consolidator.on_feedback = langsmith.feedback
         ctx[LANGSMITH_KEY] = langsmith
     await consolidator.ensure_group()
@@ -62,14 +60,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         return
     consolidator, task = held
     consolidator.stop()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), STOP_WAIT_S)
-    except TimeoutError:
-        # Whatever it held stays pending in the group; another worker claims it.
-        log.warning("consolidator did not stop in %.0f s; cancelling it", STOP_WAIT_S)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Cancelled past the wait, whatever it held stays pending; another worker claims it.
+    await finish(task, STOP_WAIT_S, "consolidator")
     log.info("consolidator stopped after %d records", consolidator.processed)
     langsmith = ctx.pop(LANGSMITH_KEY, None)
     if langsmith is not None:
