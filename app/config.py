@@ -118,6 +118,33 @@ class Settings(BaseSettings):
     flywheel_alert_webhook_url: SecretStr | None = None
     flywheel_alert_webhook_retries: int = Field(default=3, ge=0)
 
+    # The virtuous cycle (worker): every interval, per route, deployment and prompt
+    # variant over the window (old evidence decays with the half-life): quality,
+    # routing weights, experiments, candidate prompts.
+    flywheel_cycle_interval_s: float = Field(default=300.0, gt=0)
+    flywheel_cycle_window_h: float = Field(default=24.0, gt=0, le=24 * 30)
+    flywheel_cycle_half_life_h: float = Field(default=6.0, gt=0)
+    flywheel_cycle_exploration: float = Field(default=0.05, ge=0, lt=1)
+    flywheel_cycle_min_observations: int = Field(default=100, gt=0)
+    flywheel_experiment_min_sample: int = Field(default=200, gt=0)
+    flywheel_experiment_min_improvement: float = Field(default=0.02, ge=0, lt=1)
+    flywheel_experiment_confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    flywheel_experiment_max_sample: int = Field(default=20_000, gt=0)
+    # An LLM judge scores this share of answers (of routes that keep bodies or any
+    # route when unset) through the named route; unset: no judge.
+    flywheel_judge_route: str | None = None
+    flywheel_judge_sample: float = Field(default=0.05, ge=0, le=1)
+    # An optimizer route writes candidate system prompts for routes under their
+    # warning threshold; unset: no candidate generation.
+    flywheel_optimizer_route: str | None = None
+    flywheel_optimizer_candidates: int = Field(default=3, ge=1, le=10)
+    flywheel_optimizer_cooldown_s: float = Field(default=7200.0, ge=0)
+    flywheel_optimizer_max_running: int = Field(default=3, ge=1)
+    flywheel_optimizer_traffic_share: float = Field(default=0.1, gt=0, lt=1)
+    # How long a gateway remembers which key made a request, so feedback can be
+    # checked before the request's row reaches the database.
+    flywheel_feedback_owner_ttl_s: float = Field(default=3600.0, gt=0)
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 
@@ -153,6 +180,8 @@ class Settings(BaseSettings):
         "langsmith_endpoint",
         "flywheel_metrics_token",
         "flywheel_alert_webhook_url",
+        "flywheel_judge_route",
+        "flywheel_optimizer_route",
         *PROVIDER_KEY_FIELDS,
         mode="before",
     )

@@ -135,6 +135,28 @@ class LimitsConfig(_Strict):
     on_redis_down: Literal["local", "closed"] | None = None
 
 
+class CycleConfig(_Strict):
+    """What the virtuous cycle holds this route to.
+
+    Quality thresholds on the effective score (feedback > judge > rules); the latency SLO
+    is a quality rule (an answer slower than it loses points); the budgets are where the
+    monitor starts and adapts from (unset: learned from the first observations).
+    """
+
+    critical: float = Field(default=0.85, ge=0, le=1)
+    warning: float = Field(default=0.90, ge=0, le=1)
+    target: float = Field(default=0.95, ge=0, le=1)
+    latency_slo_ms: float | None = Field(default=None, gt=0)
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+    cost_budget_usd: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CycleConfig:
+        if not self.critical <= self.warning <= self.target:
+            raise ValueError("thresholds must be ordered: critical <= warning <= target")
+        return self
+
+
 class RouteConfig(_Strict):
     strategy: Strategy = "weighted"
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -153,6 +175,7 @@ class RouteConfig(_Strict):
     # PII kinds masked in this route's logs, traces, LangSmith runs and stored bodies
     # (unset: FLYWHEEL_REDACT_PII). Secrets are masked whatever this says.
     redact: list[Literal["email", "phone", "card", "national_id"]] | None = None
+    cycle: CycleConfig = CycleConfig()
 
     @model_validator(mode="after")
     def _deployments_or_ensemble(self) -> RouteConfig:
