@@ -95,7 +95,7 @@ EMPTY = Summary(0, 0.0, 0.0, None, 0.0, 0.0, 0.0, None, 0.0)
 
 
 def decay(age_s: float, half_life_s: float) -> float:
-    return 0.5 ** (max(0.0, age_s) / half_life_s)
+    return float(0.5 ** (max(0.0, age_s) / half_life_s))
 
 
 def quantile(hist: Sequence[float], q: float) -> float | None:
@@ -173,3 +173,22 @@ def _slope(points: Sequence[tuple[float, float, float]]) -> float:
 def since(buckets: Iterable[Bucket], start: float) -> list[Bucket]:
     """The buckets that started at or after `start` (the evidence of a recent window)."""
     return [b for b in buckets if b.start >= start]
+
+
+def merge(*parts: Iterable[Bucket]) -> list[Bucket]:
+    """Buckets of several arms added up per start (e.g. a route's deployments), oldest
+    first."""
+    out: dict[float, Bucket] = {}
+    for buckets in parts:
+        for b in buckets:
+            m = out.get(b.start)
+            if m is None:
+                m = out[b.start] = Bucket(b.start)
+            m.requests += b.requests
+            m.errors += b.errors
+            m.scored += b.scored
+            m.q_sum += b.q_sum
+            m.q_sq += b.q_sq
+            m.cost_sum += b.cost_sum
+            m.latency_hist = [x + y for x, y in zip(m.latency_hist, b.latency_hist, strict=True)]
+    return [out[start] for start in sorted(out)]

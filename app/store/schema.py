@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The Alembic head this code was written for; the app refuses to start on another.
 # A test keeps it equal to the head of migrations/versions.
-SCHEMA_REVISION = "0005_feedback_per_tenant"
+SCHEMA_REVISION = "0006_cycle"
 
 ID = String(64)  # request/completion ids: "chatcmpl-" + 24 hex, with room
 NAME = String(128)  # route, deployment, provider, model and variant names
@@ -225,3 +225,90 @@ class Alert(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # not_configured, pending, sent or failed
     webhook_status: Mapped[str] = mapped_column(String(32))
+
+
+class CycleRun(Base):
+    """One run of the virtuous cycle: what it found, what it did, and what came of what
+    earlier runs did (each run measures the outcome of the actions before it)."""
+
+    __tablename__ = "cycle_runs"
+    __table_args__ = (Index("ix_cycle_runs_started_at", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "run_" + 24 hex
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule or manual
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # running, completed, failed
+    routes: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per route: stats, weights
+    findings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    actions: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    outcomes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class PromptVariant(Base):
+    """A system prompt (and optional sampling parameters) a route's traffic may get.
+
+    Never deleted: a retired or rolled-back variant is kept for the record and rollback.
+    """
+
+    __tablename__ = "prompt_variants"
+    __table_args__ = (Index("ix_prompt_variants_route", "route", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "var_" + 24 hex
+    route: Mapped[str] = mapped_column(NAME)
+    name: Mapped[str] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # candidate, testing, promoted, retired, rolled_back
+    status: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))  # admin or optimizer
+    parent: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Experiment(Base):
+    """A traffic split between a route's baseline and candidate variants, decided by a
+    sequential test; after a promotion it watches the winner against the old baseline."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (Index("ix_experiments_route", "route", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "exp_" + 24 hex
+    route: Mapped[str] = mapped_column(NAME)
+    # running, watching (promoted, under watch), kept, rolled_back, retired,
+    # inconclusive, stopped
+    status: Mapped[str] = mapped_column(String(16))
+    control: Mapped[str] = mapped_column(String(40))  # variant id, or "baseline"
+    arms: Mapped[dict[str, float]] = mapped_column(JSON)  # variant → traffic share
+    origin: Mapped[str] = mapped_column(String(16))  # admin or optimizer
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    winner: Mapped[str | None] = mapped_column(String(40))
+    # The decision's statistics, and the old baseline's frozen for the rollback watch.
+    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    watch: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class CycleDecision(Base):
+    """Every decision the cycle takes, with its statistics and, once measured, whether it
+    did what it meant to (the success rate per route and kind steers later runs)."""
+
+    __tablename__ = "cycle_decisions"
+    __table_args__ = (Index("ix_cycle_decisions_route_kind", "route", "kind", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "dec_" + 24 hex
+    run_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    route: Mapped[str] = mapped_column(NAME)
+    # reweight, experiment_start, promote, retire, inconclusive, rollback, keep, candidates
+    kind: Mapped[str] = mapped_column(String(24))
+    subject: Mapped[str | None] = mapped_column(String(64))  # experiment or variant id
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # pending until a later run measures it: success, failure (or n/a)
+    outcome: Mapped[str] = mapped_column(String(16), default="pending")
+    outcome_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    measured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
