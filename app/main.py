@@ -20,7 +20,19 @@ from fastapi.openapi.utils import get_openapi
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from app.api import admin, alerts, chat, embeddings, feedback, health, keys, metrics, models
+from app.api import (
+    admin,
+    alerts,
+    chat,
+    cycle,
+    embeddings,
+    experiments,
+    feedback,
+    health,
+    keys,
+    metrics,
+    models,
+)
 from app.api.fastpath import Gateway
 from app.api.http_limits import HttpLimits
 from app.api.middleware import RequestIdMiddleware
@@ -52,6 +64,7 @@ from app.schemas.chat import ChatCompletionRequest
 from app.schemas.embeddings import EmbeddingRequest
 from app.state import AppState, make_job_queue
 from app.store.db import check_schema, make_engine
+from app.store.owners import Owners
 from app.store.redis import key, make_redis
 
 log = logging.getLogger("flywheel")
@@ -89,11 +102,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redactors=app.state.redactors,
         access=access,
         counter=requests,
+        owners=Owners.of(settings),
     )
     recorder.start()
     cache = make_cache(settings)
     cache_task = asyncio.create_task(cache.run_background(), name="cache") if cache.l2 else None
-    weights_task = None
+    weights_task = variants_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
     limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
@@ -150,6 +164,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             ),
             name="weights",
         )
+        # Prompt-variant plans: every replica applies the same plan within a refresh.
+        plans = app.state.flywheel.variants.refresh_forever(
+            redis, settings.flywheel_redis_prefix, router.names, settings.flywheel_weights_refresh_s
+        )
+        variants_task = asyncio.create_task(plans, name="variants")
     # Objects alive after start-up live for the whole process: freezing them keeps the
     # collector from re-scanning them, which keeps GC pauses off the latency tail. A
     # request allocates a few hundred containers, so the default young-generation
@@ -162,7 +181,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in (weights_task, cache_task, metrics_task, sweep_task):
+        for task in (weights_task, variants_task, cache_task, metrics_task, sweep_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -224,7 +243,19 @@ def create_app(
         # The FastAPI-routed endpoints; the fast path makes its own server span.
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider)
     install_error_handlers(app)
-    for module in (chat, embeddings, feedback, models, health, admin, alerts, keys, metrics):
+    for module in (
+        chat,
+        embeddings,
+        feedback,
+        models,
+        health,
+        admin,
+        alerts,
+        keys,
+        metrics,
+        cycle,
+        experiments,
+    ):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

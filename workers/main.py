@@ -14,10 +14,18 @@ from arq.connections import RedisSettings
 from app.config import Settings
 from app.observability.logging import configure_logging
 from workers.context import shutdown, startup
-from workers.tasks import alerts, consolidate, heartbeat, maintenance, metrics, snapshots
+from workers.tasks import alerts, consolidate, cycle, heartbeat, maintenance, metrics, snapshots
 
 _settings = Settings()
-TASK_MODULES: tuple[Any, ...] = (heartbeat, consolidate, metrics, maintenance, snapshots, alerts)
+TASK_MODULES: tuple[Any, ...] = (
+    heartbeat,
+    consolidate,
+    metrics,
+    maintenance,
+    snapshots,
+    alerts,
+    cycle,
+)
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:

@@ -42,11 +42,22 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Severity = Literal["low", "medium", "high", "critical"]
-Kind = Literal["latency_spike", "error_burst", "quality_drop", "stagnation"]
-KINDS: tuple[Kind, ...] = ("latency_spike", "error_burst", "quality_drop", "stagnation")
+Kind = Literal[
+    "latency_spike",
+    "error_burst",
+    "quality_drop",
+    "stagnation",
+    # Raised by the virtuous cycle's monitor (thresholds and budgets, not z-scores).
+    "quality_critical",
+    "quality_warning",
+    "latency_budget",
+    "error_budget",
+    "cost_budget",
+]
+KINDS: tuple[Kind, ...] = get_args(Kind)
 SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high", "critical")
 # Lower bounds of medium, high and critical on the z scale; under the first: low.
 SEVERITY_Z = (3.0, 5.0, 8.0)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -204,9 +204,17 @@ class AlertLoop:
             log.info(
                 "alert held (medium, first seen): %s %s z=%.2f", held.subject, held.kind, held.z
             )
+        return await self.raise_all(decided.escalated, now)
+
+    async def raise_all(
+        self, candidates: Sequence[Candidate], now: datetime
+    ) -> list[dict[str, Any]]:
+        """Raise each candidate (stored, logged, sent to the webhook) unless its (subject,
+        kind) was raised within the cooldown; the alerts raised. The virtuous cycle's
+        monitor raises its findings here too."""
         raised: list[dict[str, Any]] = []
         try:
-            for candidate in decided.escalated:
+            for candidate in candidates:
                 row = await self._raise(candidate, now)
                 if row is not None:
                     raised.append(row)

@@ -1,0 +1,118 @@
+"""The virtuous cycle's scheduling: a run every FLYWHEEL_CYCLE_INTERVAL_S, and on demand.
+
+- Every worker runs a small loop; whichever first sees the scheduled run due takes it
+  (`app.store.cycle_lock`), so N workers schedule as one and a restart neither skips
+  nor repeats a run.
+- `cycle_run(job_id)` is the job `POST /v1/virtuous-cycle/trigger` queues, holding the
+  cycle under its job id; a run already holding it makes the trigger answer with that
+  run instead of queueing another.
+
+Either way one run at a time, across every worker. A Redis or database outage skips the
+tick (logged once) and never ends the loop or the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.routing.config import load_routes
+from app.store.cycle_lock import claim, due, holder, release
+from app.store.db import DB_ERRORS
+from workers.context import finish, get_context
+from workers.cycle_run import CycleRunner
+from workers.tasks import alerts
+from workers.tracking import tracked
+
+log = logging.getLogger("flywheel.cycle")
+TASK_KEY = "cycle"
+TICK_S = 5.0  # how often a worker looks whether a scheduled run is due
+STOP_WAIT_S = 30.0
+OUTAGES = (RedisError, OSError, TimeoutError, *DB_ERRORS)
+
+
+def _runner(ctx: dict[str, Any]) -> CycleRunner:
+    wctx = get_context(ctx)
+    held = ctx.get(alerts.TASK_KEY)
+    alert_loop = held[0] if held else None
+    return CycleRunner(wctx.settings, ctx["cycle_routes"], ctx["redis"], wctx.engine, alert_loop)
+
+
+@tracked
+async def cycle_run(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """A run on demand, holding the cycle under `job_id` (the trigger took it for us)."""
+    redis, prefix = ctx["redis"], get_context(ctx).settings.flywheel_redis_prefix
+    current = await holder(redis, prefix)
+    if current != job_id and await claim(redis, prefix, job_id) is not None:
+        # The trigger's hold expired and another run took the cycle meanwhile.
+        return {"skipped": True, "running": current}
+    try:
+        return await _runner(ctx).run("manual", job_id)
+    finally:
+        with contextlib.suppress(*OUTAGES):
+            await release(redis, prefix, job_id)
+
+
+class Schedule:
+    def __init__(self, ctx: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.settings = get_context(ctx).settings
+        self._stop = asyncio.Event()
+        self._down: str | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+                if self._down is not None:
+                    log.info("cycle schedule resumed after %s", self._down)
+                    self._down = None
+            except OUTAGES as e:
+                if self._down is None:
+                    log.warning("cycle schedule paused: %s", type(e).__name__)
+                self._down = type(e).__name__
+            except Exception:  # a bug in one run must not end the schedule for good
+                log.exception("scheduled cycle run failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), TICK_S)
+
+    async def tick(self) -> dict[str, Any] | None:
+        redis, prefix = self.ctx["redis"], self.settings.flywheel_redis_prefix
+        if not await due(redis, prefix, time.time(), self.settings.flywheel_cycle_interval_s):
+            return None
+        owner = f"schedule-{uuid.uuid4().hex[:16]}"
+        if await claim(redis, prefix, owner) is not None:
+            return None  # a triggered run (or another worker) has the cycle
+        try:
+            return await _runner(self.ctx).run("schedule", None)
+        finally:
+            with contextlib.suppress(*OUTAGES):
+                await release(redis, prefix, owner)
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    ctx["cycle_routes"] = load_routes(get_context(ctx).settings)
+    schedule = Schedule(ctx)
+    ctx[TASK_KEY] = (schedule, asyncio.create_task(schedule.run(), name="flywheel-cycle"))
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    held = ctx.pop(TASK_KEY, None)
+    if held is None:
+        return
+    schedule, task = held
+    schedule.stop()
+    await finish(task, STOP_WAIT_S, "the cycle schedule")
+
+
+FUNCTIONS = [cycle_run]
+CRONS: list[Any] = []
