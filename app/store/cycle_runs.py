@@ -105,13 +105,13 @@ async def list_runs(
     if before is not None:
         q = q.where(CycleRun.started_at < before)
     async with engine.connect() as conn:
-        rows: Sequence[Any] = (await conn.execute(q)).scalars().all()
+        rows: Sequence[Any] = (await conn.execute(q)).all()
     return [run_json(r, full=False) for r in rows]
 
 
 async def get_run(engine: AsyncEngine, run_id: str) -> dict[str, Any] | None:
     async with engine.connect() as conn:
-        row = (await conn.execute(select(CycleRun).where(CycleRun.id == run_id))).scalar()
+        row = (await conn.execute(select(CycleRun).where(CycleRun.id == run_id))).first()
     return None if row is None else run_json(row)
 
 
@@ -120,7 +120,7 @@ async def last_run(engine: AsyncEngine, status: str | None = None) -> dict[str, 
     if status is not None:
         q = q.where(CycleRun.status == status)
     async with engine.connect() as conn:
-        row = (await conn.execute(q)).scalar()
+        row = (await conn.execute(q)).first()
     return None if row is None else run_json(row)
 
 
@@ -163,7 +163,7 @@ async def pending_decisions(engine: AsyncEngine, before: datetime) -> list[dict[
         .limit(500)
     )
     async with engine.connect() as conn:
-        rows: Sequence[Any] = (await conn.execute(q)).scalars().all()
+        rows: Sequence[Any] = (await conn.execute(q)).all()
     return [
         {
             "id": r.id,

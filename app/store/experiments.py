@@ -86,7 +86,7 @@ async def get_variant(engine: AsyncEngine, variant_id: str) -> dict[str, Any] | 
     async with engine.connect() as conn:
         row = (
             await conn.execute(select(PromptVariant).where(PromptVariant.id == variant_id))
-        ).scalar()
+        ).first()
     return None if row is None else variant_json(row)
 
 
@@ -97,7 +97,7 @@ async def list_variants(
     if route is not None:
         q = q.where(PromptVariant.route == route)
     async with engine.connect() as conn:
-        rows: Sequence[Any] = (await conn.execute(q)).scalars().all()
+        rows: Sequence[Any] = (await conn.execute(q)).all()
     return [variant_json(r) for r in rows]
 
 
@@ -142,7 +142,7 @@ async def get_experiment(engine: AsyncEngine, experiment_id: str) -> dict[str, A
     async with engine.connect() as conn:
         row = (
             await conn.execute(select(Experiment).where(Experiment.id == experiment_id))
-        ).scalar()
+        ).first()
     return None if row is None else experiment_json(row)
 
 
@@ -158,7 +158,7 @@ async def list_experiments(
     if statuses is not None:
         q = q.where(Experiment.status.in_(list(statuses)))
     async with engine.connect() as conn:
-        rows: Sequence[Any] = (await conn.execute(q)).scalars().all()
+        rows: Sequence[Any] = (await conn.execute(q)).all()
     return [experiment_json(r) for r in rows]
 
 
@@ -178,5 +178,5 @@ async def promoted_variant(engine: AsyncEngine, route: str) -> dict[str, Any] | 
         .limit(1)
     )
     async with engine.connect() as conn:
-        row = (await conn.execute(q)).scalar()
+        row = (await conn.execute(q)).first()
     return None if row is None else variant_json(row)
