@@ -6,9 +6,13 @@ current baseline), all on the same traffic since the experiment started. The cyc
 `decide` on every run with each arm's summary of that traffic (no decay: the test
 assumes independent draws from a fixed distribution since the start, so every score
 weighs the same). Each variant is compared with the control through an always-valid
-confidence sequence for (variant - control) (see `sequential`), at level alpha / K
-(Bonferroni), so the chance that any of the K sequences ever misses — under the cycle's
-peeking and data-dependent stopping — is at most alpha = 1 - confidence.
+confidence sequence for (variant - control) (see `sequential`) at level alpha / K
+(Bonferroni), alpha = 1 - confidence. Its two bounds are one-sided sequences, each
+crossed wrongly with probability at most alpha / K under the cycle's peeking and
+data-dependent stopping: a variant no better than `min_improvement` is promoted with
+probability at most alpha / K (at most alpha for the whole experiment), and one that is
+at least that much better is wrongly given up for futility with at most the same. For
+any true difference only one of the two can be an error, so no further split is needed.
 
 Per variant, once both arms have `min_sample` scores:
 - promote       the lower bound exceeds `min_improvement`: the variant is better by at
@@ -76,9 +80,14 @@ class ExperimentPolicy:
     `mixture_scale` (tau of the normal mixture) places the confidence sequence's
     tightest point; unset, it is 1.5 x min_improvement (at least 0.015): a +5-point
     variant needs the bound to resolve a margin of ~3 points over a 2-point minimum, and
-    the simulations find the promotion rate flat in tau around there (see the tests).
-    `watch_sample` defaults to 5 x min_sample: enough for a regression of ~8 points to
-    show before the watch ends, short enough that a promotion settles within hours.
+    in simulation the samples to a decision are flat in tau from 0.02 to 0.05 and ~15%
+    higher at 0.01 or 0.1.
+
+    `watch_sample` defaults to 25 x min_sample (5,000 scores, at most max_sample): by
+    then the promoted arm's own bound is ~1.5 points wide, so what limits the watch is the
+    frozen baseline's precision — watching longer buys little, and watching costs no
+    traffic. Freeze the baseline from as much of its history as is still representative
+    (see `watch`).
     """
 
     min_sample: int = 200
@@ -121,7 +130,9 @@ class ExperimentPolicy:
 
     @property
     def watch_n(self) -> int:
-        return self.watch_sample if self.watch_sample is not None else 10 * self.min_sample
+        if self.watch_sample is not None:
+            return self.watch_sample
+        return min(25 * self.min_sample, self.max_sample)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,6 +173,7 @@ class Comparison:
             "variant_arm": self.arm.to_dict(),
             "control_arm": self.control.to_dict(),
             "difference": self.interval.to_dict(),
+            "bounds": "one_sided",  # low and high each hold with probability 1 - alpha
             "alpha": self.alpha,
         }
 
@@ -270,6 +282,7 @@ class WatchDecision:
             "promoted_arm": self.promoted.to_dict(),
             "baseline_arm": self.baseline.to_dict(),
             "difference": self.interval.to_dict(),
+            "bounds": "one_sided",
             "alpha": self.alpha,
             "policy": self.policy.to_dict(),
         }
@@ -277,7 +290,19 @@ class WatchDecision:
 
 def watch(promoted: Summary | Arm, baseline: Arm, policy: ExperimentPolicy) -> WatchDecision:
     """Keep or roll back a promoted variant, from its scores since the promotion and the
-    old baseline's statistics frozen at the decision."""
+    old baseline's statistics frozen at the decision.
+
+    The promoted arm gets an always-valid bound (it is looked at every run); the frozen
+    baseline's error never shrinks, so it gets its own sequence and the two radii add
+    (`sequential.frozen_difference`), each at alpha / 2: a promotion that holds its
+    ground is rolled back with probability at most alpha. The frozen baseline is what
+    limits the watch: an experiment that stopped early stopped on a control that looked
+    low, and its few scores pin it down loosely. Frozen from the experiment's control
+    arm alone, an 8-point regression is caught in ~90% of simulated promotions (the
+    misses follow promotions at under ~700 scores per arm); frozen from the control's
+    buckets over the cycle window, pre-experiment traffic included (`Arm.from_buckets`),
+    in all of them.
+    """
     arm = as_arm(promoted)
     interval = frozen_difference(arm, baseline, policy.alpha, policy.tau, one_sided=True)
     if arm.n < policy.min_sample:
