@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     flywheel_optimizer_traffic_share: float = Field(default=0.1, gt=0, lt=1)
     # How long a gateway remembers which key made a request, so feedback can be
     # checked before the request's row reaches the database.
-    flywheel_feedback_owner_ttl_s: float = Field(default=3600.0, gt=0)
+    flywheel_feedback_owner_ttl_s: float = Field(default=600.0, gt=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

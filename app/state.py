@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.auth.resolver import KeyResolver
 from app.cache.service import ResponseCache
 from app.config import Settings
+from app.cycle.variants import PlanBook
 from app.observability.langsmith_runs import LangSmithRuns
 from app.observability.redact import Redactors
 from app.observability.tracing import Tracing
@@ -53,6 +54,8 @@ class AppState:
     # workers); None without Redis.
     jobs: ArqRedis | None = None
     langsmith: LangSmithRuns | None = None  # None unless LANGSMITH_TRACING and a key
+    # Each route's prompt-variant plan, refreshed from Redis (`PlanBook.refresh_forever`).
+    variants: PlanBook = field(default_factory=PlanBook)
 
 
 def make_job_queue(settings: Settings) -> ArqRedis | None:

@@ -16,6 +16,7 @@ from app.api.auth import Caller
 from app.api.exchange import Exchange
 from app.api.streaming import StreamSink
 from app.cache.answer import StreamAssembler
+from app.cycle.rules import Expectations
 from app.state import AppState
 
 DAY_S = 86400.0
@@ -33,6 +34,8 @@ def note_route(state: AppState, exchange: Exchange, caller: Caller, route: str, 
         return
     caller.check_route(route)
     exchange.route = route
+    # The SLO of the route the client asked for: a fallback serves that route's promise.
+    exchange.expect = Expectations.of_body(body, config.cycle.latency_slo_ms)
     if config.bodies is not None and config.bodies.store:
         days = config.bodies.retention_days or state.settings.flywheel_body_retention_days
         exchange.keep_bodies(days * DAY_S, body)
@@ -41,6 +44,9 @@ def note_route(state: AppState, exchange: Exchange, caller: Caller, route: str, 
 
 
 def keep_response(exchange: Exchange, answer: Any) -> None:
+    """The answer, for the quality rules (by reference) and, when kept, for the record."""
+    if isinstance(answer, dict):
+        exchange.answer = answer
     if exchange.keeps_content:
         exchange.response_body = answer
 

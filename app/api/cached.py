@@ -81,9 +81,11 @@ def plan(
     body: dict[str, Any],
     headers: Mapping[str, str],
     tenant: str,
+    variant: str | None = None,
 ) -> CachePlan | None:
-    """What the cache may do for this request (answers never cross `tenant`s); None
-    when it may do nothing."""
+    """What the cache may do for this request (answers never cross `tenant`s, nor prompt
+    variants: `variant` is the arm's fingerprint, see `app.api.variants`); None when it
+    may do nothing."""
     settings = state.settings
     config = state.router.route(route).cache
     mode = config.mode if config is not None else settings.flywheel_cache_mode
@@ -108,6 +110,7 @@ def plan(
         route,
         body,
         tenant=tenant,
+        variant=variant,
     )
     truncated = config.store_truncated if config is not None else False
     n = body.get("n")
@@ -189,6 +192,7 @@ def hit_response(
     exchange.cache = tier
     exchange.stream = stream
     answer = cached.answer
+    exchange.answer = answer  # the quality rules score a hit's answer too
     choices = answer.get("choices") or [{}]
     if exchange.keeps_content:
         exchange.response_body = answer if cached.kind == "chat" else embeddings_summary(answer)

@@ -16,7 +16,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api import cached
+from app.api import cached, variants
 from app.api.admission import admit
 from app.api.auth import authenticate
 from app.api.bodies import keep_response, note_route, stream_sink
@@ -29,6 +29,7 @@ from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import StreamSink, first_chunk, sse_body
 from app.api.traced import traced_attempt
 from app.cache.service import Flight
+from app.cycle.variants import apply as apply_variant
 from app.deps import StateDep, request_id
 from app.errors import GatewayError
 from app.observability.tracing import set_attributes
@@ -54,21 +55,32 @@ async def handle(
         with tracing.span("auth"):
             caller = await authenticate(state, headers)
         length = headers.get("content-length")
-        body = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
-        early = cached.early_route(state, body)
+        raw = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
+        # `raw` is the client's body, `body` the one sent upstream (with the route's
+        # prompt variant, if it has a plan); the cache keys `raw` and the arm.
+        body = raw
+        early = cached.early_route(state, raw)
+        arm = None if early is None else variants.pick(state, exchange, early, raw)
         if early is not None:
+            body = raw if arm is None else apply_variant(arm, raw)
             note_route(state, exchange, caller, early, body)
             with tracing.span("limits"):
                 await admit(state, exchange, caller, early, body)
-            cache_plan = cached.plan(state, "chat", early, body, headers, caller.tenant)
+            key = None if arm is None else arm.fingerprint
+            cache_plan = cached.plan(state, "chat", early, raw, headers, caller.tenant, key)
             if cache_plan is not None and cache_plan.read:
                 hit = state.cache.get_l1(cache_plan.key)
                 if hit is not None:
-                    stream, usage = body.get("stream") is True, cached.wants_usage(body)
+                    stream, usage = raw.get("stream") is True, cached.wants_usage(raw)
                     return cached.hit_response(hit, "hit-l1", exchange, state, stream, usage)
-        chat = validate(CHAT_REQUEST, body)
+        chat = validate(CHAT_REQUEST, raw)
         exchange.stream = bool(chat.stream)
         route = resolve_route(state, chat, headers)
+        if early is None:
+            arm = variants.pick(state, exchange, route, raw)
+            body = raw if arm is None else apply_variant(arm, raw)
+        if arm is not None and body is not raw:
+            chat = variants.sent_request(arm, body, chat)
         note_route(state, exchange, caller, route, body)
         with tracing.span("limits"):
             await admit(state, exchange, caller, route, body)
@@ -76,7 +88,8 @@ async def handle(
         if state.router.route(route).ensemble is not None:
             return await run_ensemble(state, route, chat, body, exchange, deadline, client_set)
         if early is None:
-            cache_plan = cached.plan(state, "chat", route, body, headers, caller.tenant)
+            key = None if arm is None else arm.fingerprint
+            cache_plan = cached.plan(state, "chat", route, raw, headers, caller.tenant, key)
         if cache_plan is not None and cache_plan.read:
             with tracing.span("cache.lookup", {"flywheel.route": route}) as span:
                 found = await cached.look_up(

@@ -84,5 +84,6 @@ async def run_ensemble(
     headers["x-flywheel-ensemble-successes"] = str(len(done))
     spread = (max(durations) - sum(durations) / len(durations)) * 1000
     headers["x-flywheel-ensemble-spread-ms"] = f"{spread:.1f}"
+    exchange.answer = result  # scored by the quality rules, as any answer
     exchange.record(state.recorder, status=200, usage=result.get("usage"), finish_reason="stop")
     return Response(orjson.dumps(result), media_type="application/json", headers=headers)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import Span
 
+from app.cycle.rules import ERROR, Expectations, Quality, score_answer
 from app.observability.langsmith_runs import LangSmithRuns
 from app.observability.redact import Redactor
 from app.observability.tracing import mark_error, set_attributes, traceparent
@@ -16,6 +18,9 @@ from app.ratelimit.quota import Ticket
 from app.routing.config import DeploymentConfig
 from app.routing.router import Target
 from app.store.records import Recorder, RequestRecord
+
+log = logging.getLogger("flywheel.records")
+NO_EXPECTATIONS = Expectations()
 
 
 @dataclass(slots=True)
@@ -51,6 +56,15 @@ class Exchange:
     # LangSmith's own thread) becomes a run there.
     langsmith: LangSmithRuns | None = None
     redactor: Redactor | None = None
+    # The quality rules' inputs: what the request asked for (format, tools, its route's
+    # SLO) and the answer (a chat completion, or what a stream gathered of it).
+    expect: Expectations = NO_EXPECTATIONS
+    answer: dict[str, Any] | None = None
+
+    @property
+    def wants_whole_text(self) -> bool:
+        """Whether the rules read the whole text of the answer (JSON), not its head."""
+        return self.expect.json_format is not None
 
     @property
     def keeps_content(self) -> bool:
@@ -77,6 +91,8 @@ class Exchange:
             out["x-flywheel-deployment"] = self.target.deployment.name
         elif self.route is not None:
             out["x-flywheel-route"] = self.route
+        if self.variant is not None:
+            out["x-flywheel-variant"] = self.variant
         if self.rate_headers:
             out.update(self.rate_headers)
         return out
@@ -105,6 +121,8 @@ class Exchange:
             trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
             extra["traceparent"] = parent
         self._settle(status, usage, prompt + completion, cost)
+        latency_ms = (time.perf_counter() - self.started) * 1000
+        quality = self.quality(status, latency_ms)
         rec = RequestRecord(
             request_id=self.request_id,
             endpoint=self.endpoint,
@@ -115,7 +133,7 @@ class Exchange:
             status=status,
             stream=self.stream,
             started_at=self.started_wall,
-            latency_ms=(time.perf_counter() - self.started) * 1000,
+            latency_ms=latency_ms,
             ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -132,11 +150,29 @@ class Exchange:
             error_type=error_type,
             bodies=self._bodies(),
             trace_id=trace_id,
+            quality=None if quality is None else quality.score,
+            quality_reasons=None if quality is None else list(quality.reasons),
             extra=extra,
         )
         recorder.record(rec)
         if self.langsmith is not None and self.redactor is not None:
             self.langsmith.submit(rec, self.request_body, self.response_body, self.redactor)
+
+    def quality(self, status: int, latency_ms: float) -> Quality | None:
+        """The rules' score of what the upstream did; None where it did nothing to judge:
+        a request the gateway refused itself (4xx), the client's disconnect (499), a
+        failure before any deployment was tried, an endpoint the rules do not cover."""
+        if not self.endpoint.startswith("chat"):
+            return None
+        if status >= 500:
+            return ERROR if self.target is not None else None
+        if status >= 400 or self.answer is None:
+            return None
+        try:
+            return score_answer(self.answer, self.expect, latency_ms)
+        except Exception:  # a scoring bug must never cost the request its record
+            log.exception("request %s not scored: the quality rules failed", self.request_id)
+            return None
 
     def _trace(
         self,

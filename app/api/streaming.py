@@ -19,6 +19,7 @@ import orjson
 from opentelemetry.trace import Span
 
 from app.api.exchange import Exchange
+from app.cycle.gather import AnswerGatherer
 from app.errors import GatewayError, UpstreamError
 from app.observability.tracing import NO_SPAN, Tracing, mark_error, set_attributes
 from app.providers.mock import estimate_tokens, prompt_tokens
@@ -52,25 +53,24 @@ async def first_chunk(upstream: AsyncIterator[dict[str, Any]]) -> dict[str, Any]
 
 
 class _Tally:
-    """What the stream carried, for the record when the upstream sent no usage."""
+    """What the stream carried, for the record: what the quality rules read and its
+    size, for when the upstream sends no usage (`gathered`), and how it finished."""
 
-    __slots__ = ("chars", "finish", "usage")
+    __slots__ = ("finish", "gathered", "usage")
 
-    def __init__(self) -> None:
-        self.chars = 0
+    def __init__(self, gathered: AnswerGatherer) -> None:
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.gathered = gathered
 
     def see(self, chunk: dict[str, Any]) -> None:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            self.chars += len(delta.get("content") or "")
-            for call in delta.get("tool_calls") or ():
-                self.chars += len((call.get("function") or {}).get("arguments") or "")
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
+            finish = choice.get("finish_reason")
+            if finish:
+                self.finish = finish
+            self.gathered.feed(choice.get("index", 0), choice.get("delta") or {}, finish)
 
 
 async def sse_body(
@@ -86,7 +86,7 @@ async def sse_body(
 ) -> AsyncIterator[bytes]:
     span = NO_SPAN if tracing is None else tracing.open_span("stream", exchange.span)
     chunks = 0
-    tally = _Tally()
+    tally = _Tally(AnswerGatherer(whole_text=exchange.wants_whole_text))
     wants_usage = request.wants_usage_in_stream
     status, error_code, complete, disconnected = 200, None, False, False
     error_type: str | None = None
@@ -136,8 +136,10 @@ async def sse_body(
         usage = tally.usage
         estimated = usage is None
         if usage is None:
-            completion = estimate_tokens("x" * tally.chars)
+            completion = estimate_tokens("x" * tally.gathered.chars)
             usage = {"prompt_tokens": prompt_tokens(request), "completion_tokens": completion}
+        if status < 400:
+            exchange.answer = tally.gathered.answer()  # what the quality rules score
         exchange.record(
             recorder,
             status=status,

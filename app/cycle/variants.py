@@ -57,6 +57,7 @@ PARAM_RANGES: Mapping[str, tuple[type, float | None, float | None]] = MappingPro
 # (128 characters): header-safe characters only.
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
+
 def variants_key(prefix: str, route: str) -> str:
     return f"{prefix}variants:{route}"
 

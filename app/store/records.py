@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.observability.redact import Redactors
+from app.store.owners import Owners
 
 if TYPE_CHECKING:  # the access log renders these records
     from app.observability.access_log import AccessLog
@@ -80,6 +81,9 @@ class RequestRecord:
     # Only for routes that store bodies: {"request": …, "response": …, "retention_s": …},
     # redacted by the recorder off the request path before it leaves the process.
     bodies: dict[str, Any] | None = None
+    # The quality rules' score in [0, 1] and why (`app.cycle.rules`); None: not judged.
+    quality: float | None = None
+    quality_reasons: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,8 +122,11 @@ class Recorder:
         maxlen: int = STREAM_MAXLEN,
         redactors: Redactors = _ALL,
         access: AccessLog | None = None,
+        owners: Owners | None = None,
     ) -> None:
         self._redis = redis
+        # Who made each request: remembered here, indexed in Redis with each batch.
+        self.owners = owners
         self._access = access
         self._redactors = redactors
         self._stream = stream_key
@@ -136,6 +143,8 @@ class Recorder:
     def record(self, rec: RequestRecord) -> None:
         if self._access is not None:
             self._access.add(rec)
+        if self.owners is not None and rec.tenant is not None:
+            self.owners.remember(rec.request_id, rec.tenant)
         self.ship(rec)
 
     def ship(self, rec: Shipped) -> None:
@@ -202,9 +211,7 @@ class Recorder:
             else:
                 payload = orjson.dumps(batch)
             try:
-                await self._redis.xadd(
-                    self._stream, {"records": payload}, maxlen=self._maxlen, approximate=True
-                )
+                await self._send(batch, payload)
             except (RedisError, OSError) as e:
                 log.warning("request records not shipped (%s); keeping them", type(e).__name__)
                 room = self._capacity - len(self._buffer)
@@ -216,6 +223,29 @@ class Recorder:
             log.warning("request records shipped again; %d were dropped", self._outage_dropped)
             self._outage_dropped = 0
         return True
+
+    async def _send(self, batch: list[Shipped], payload: bytes) -> None:
+        """The batch's stream entry and its owners' index, in one round trip."""
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._stream, {"records": payload}, maxlen=self._maxlen, approximate=True)
+        if self.owners is not None:
+            self.owners.add_to(
+                pipe,
+                (
+                    (rec.request_id, rec.tenant)
+                    for rec in batch
+                    if isinstance(rec, RequestRecord) and rec.tenant is not None
+                ),
+            )
+        added, *indexed = await pipe.execute(raise_on_error=False)
+        if isinstance(added, Exception):
+            raise added
+        failed = [type(r).__name__ for r in indexed if isinstance(r, Exception)]
+        if failed:
+            # The batch is shipped; only early feedback checks lose these ids (the
+            # database answers for them once they are consolidated).
+            log.warning("request owners not indexed (%s)", failed[0])
 
     async def _ship_forever(self) -> None:
         backoff = self._interval_s

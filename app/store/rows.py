@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.store.quality import apply_feedback, rules_quality
 from app.store.schema import Feedback, RequestBody, RequestRow
 
 REQUESTS: Table = RequestRow.__table__  # type: ignore[assignment]
@@ -21,6 +22,8 @@ FEEDBACK: Table = Feedback.__table__  # type: ignore[assignment]
 
 # Record field → column, where the names differ.
 _RENAMED = {"request_id": "id", "cache": "cache_tier"}
+# Fields that become columns by rule, not by name (see `rules_quality`).
+_DERIVED = frozenset({"started_at", "bodies", "extra", "quality", "quality_reasons"})
 _COLUMNS = {c.name: c for c in REQUESTS.columns}
 # Every row carries every column (one executemany needs one shape), records from an
 # older gateway included: missing fields take the column's default.
@@ -88,7 +91,7 @@ def _row(rec: dict[str, Any]) -> tuple[dict[str, Any], datetime]:
     extra = dict(rec.get("extra") or {})
     for name, value in rec.items():
         column = _RENAMED.get(name, name)
-        if column in ("started_at", "bodies", "extra"):
+        if column in _DERIVED:
             continue
         if column in _COLUMNS:
             row[column] = _clip_to(REQUESTS, column, value)
@@ -99,6 +102,7 @@ def _row(rec: dict[str, Any]) -> tuple[dict[str, Any], datetime]:
     created = datetime.fromtimestamp(float(rec["started_at"]), UTC)
     row["created_at"] = created
     row["extra"] = extra or None
+    rules_quality(row, rec.get("quality"), rec.get("quality_reasons"))
     return row, created
 
 
@@ -134,7 +138,8 @@ def _body_row(row: dict[str, Any], bodies: dict[str, Any], created: datetime) ->
 
 
 async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
-    """Insert in one transaction, skipping ids already there (a replayed batch)."""
+    """Insert in one transaction, skipping ids already there (a replayed batch); then
+    feedback decides the quality of the rows it names, whichever of the two came first."""
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     async with engine.begin() as conn:
         if rows.requests:
@@ -159,6 +164,7 @@ async def insert_rows(engine: AsyncEngine, rows: Rows) -> None:
                 where=FEEDBACK.c.updated_at <= stmt.excluded.updated_at,
             )
             await conn.execute(stmt)
+        await apply_feedback(conn, rows.ids())
 
 
 Matched = tuple[str, float, str | None, datetime]

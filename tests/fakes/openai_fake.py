@@ -30,7 +30,7 @@ def _last_text(body: dict[str, Any]) -> str:
     return str(content)
 
 
-def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _tool_calls(body: dict[str, Any], kind: str = "") -> list[dict[str, Any]]:
     tools = body.get("tools") or []
     if not tools or body.get("tool_choice") == "none" or body["messages"][-1]["role"] == "tool":
         return []
@@ -39,17 +39,28 @@ def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "id": f"call_{i}",
             "type": "function",
-            "function": {"name": t["function"]["name"], "arguments": json.dumps({"q": i})},
+            "function": {
+                "name": t["function"]["name"],
+                "arguments": '{"q": ' if kind == "bad-args" else json.dumps({"q": i}),
+            },
         }
         for i, t in enumerate(chosen)
     ]
 
 
-def answer_text(body: dict[str, Any]) -> str:
+def answer_text(body: dict[str, Any], kind: str = "") -> str:
+    if kind == "refuse":
+        return "I'm sorry, but I can't help with that."
+    if kind == "bad-json":
+        return 'Sure! Here it is: {"answer": 42'
     fmt = (body.get("response_format") or {}).get("type")
     if fmt == "json_schema":
         props = body["response_format"]["json_schema"].get("schema", {}).get("properties", {})
-        return json.dumps({k: ("x" if v.get("type") == "string" else 1) for k, v in props.items()})
+        string = "x" if kind != "off-schema" else 1
+        other = 1 if kind != "off-schema" else "x"
+        return json.dumps(
+            {k: (string if v.get("type") == "string" else other) for k, v in props.items()}
+        )
     if fmt == "json_object":
         return json.dumps({"answer": _last_text(body)})
     return f"Echo: {_last_text(body)}"
@@ -91,8 +102,8 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
         return web.Response(status=499)
     if kind == "weird":
         return await _weird(request, body)
-    calls = _tool_calls(body)
-    text = "" if calls else answer_text(body)
+    calls = _tool_calls(body, kind)
+    text = "" if calls else answer_text(body, kind)
     finish = "tool_calls" if calls else ("length" if kind == "length" else "stop")
     if body.get("stream"):
         return await _stream(state, request, body, text, calls, finish, kind, value)

@@ -18,6 +18,10 @@ serves every behaviour at once:
   ctx-exceeded    400 context_length_exceeded, OpenAI's shape
   exhausted       a normal answer whose rate-limit headers say no requests remain (1 s)
   length          a normal answer cut by max_tokens (`finish_reason: length`)
+  refuse          a refusal ("I'm sorry, but I can't help with that.")
+  bad-json        text that is not JSON, whatever `response_format` asked
+  off-schema      JSON of the wrong types for a `json_schema` (strings as numbers)
+  bad-args        tool calls whose arguments are not JSON
 anything else     a normal answer
 """
 
@@ -67,6 +71,10 @@ class FakeState:
         )
 
 
+# Answers that arrive fine but that the quality rules mark down.
+QUALITY_FAULTS = ("refuse", "bad-json", "off-schema", "bad-args")
+
+
 def fault_of(model: str) -> tuple[str, int]:
     """('fail', 429), ('slow', 300), ('cut', 3), ('malformed', 0), ('drip', 50) or ('', 0)."""
     for kind in ("fail", "slow", "cut", "drip", "cap"):
@@ -75,7 +83,16 @@ def fault_of(model: str) -> tuple[str, int]:
                 return kind, int(model.split("-", 1)[1])
             except ValueError:
                 return "", 0
-    if model in ("malformed", "weird", "lag", "ctx-exceeded", "exhausted", "length", "echo-error"):
+    if model in (
+        "malformed",
+        "weird",
+        "lag",
+        "ctx-exceeded",
+        "exhausted",
+        "length",
+        "echo-error",
+        *QUALITY_FAULTS,
+    ):
         return model, 0
     if model.startswith("toggle-"):
         return "toggle", 0
