@@ -18,6 +18,7 @@ from app.config import Settings
 from app.cycle.bandit import ArmEvidence, BanditConfig, Drift, RouteDecision, decide
 from app.cycle.evidence import Bucket, Summary, merge, since, summarize
 from app.cycle.monitor import (
+    ERROR_BUDGET,
     Budget,
     Finding,
     adapt,
@@ -142,9 +143,10 @@ def plan_route(
         decision = _bandit(
             name, config, deployments, state, clock, recent_start, latency, settings, rng
         )
+        # Drops and recoveries alike: the arm's evidence starts over from the change.
+        resets.update(decision.resets)
         for arm in decision.arms:
             if arm.drift is not None:
-                resets[arm.name] = recent_start
                 findings.append(_drift_finding(name, arm.name, arm.drift))
     return RoutePlan(
         route=name,
@@ -190,7 +192,9 @@ def _bandit(
         )
         for d in config.deployments
     ]
-    bandit = BanditConfig.for_route(settings, config.cycle, latency_budget_ms=latency.value)
+    bandit = BanditConfig.for_route(
+        settings, config.cycle, latency_budget_ms=latency.value, error_rate_budget=ERROR_BUDGET
+    )
     return decide(name, arms, bandit, rng)
 
 

@@ -1,0 +1,1 @@
+"""Seeded simulations of the virtuous cycle (no network, no I/O)."""
