@@ -6,9 +6,10 @@ its `learned_weights` set from each cycle's decision), their outcomes drawn from
 deployment's truth and aggregated into the same `Bucket`s the worker reads from the
 database (an error scores 0, as the quality rules score it, and the request fails over to
 the next deployment). Every `requests_per_cycle` requests the cycle runs: each arm's
-evidence (`ArmEvidence.from_buckets`) goes to the chooser (the bandit by default), whose
-weights go back into the router. Detected changes of quality reset an arm's evidence the
-way the worker is to: later runs read its buckets from `Drift.since` on.
+buckets go to the worker's own planning (`app.cycle.engine.plan_route`: the monitor's
+budgets and findings, then the bandit), or, for the proof of concept's comparisons, to
+another chooser; the weights go back into the router. Detected changes of quality reset
+an arm's evidence as in the worker: later runs read its buckets from `Drift.since` on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Any, Literal
 
 from app.config import Policy, Settings
 from app.cycle.bandit import ArmEvidence, BanditConfig, RouteDecision, decide, reward
+from app.cycle.engine import CycleClock, RouteState, plan_route
 from app.cycle.evidence import Bucket
+from app.cycle.monitor import Finding
 from app.routing.config import RoutesFile, parse_routes
 from app.routing.router import Router
 
@@ -91,6 +94,10 @@ class World:
             settings, routes.routes[ROUTE].cycle, **(overrides or {})
         )
         self.router = Router(routes, settings, random.Random(seed))
+        self.routes, self.settings = routes, settings
+        self._overrides = overrides
+        self.state = RouteState()
+        self.findings: list[list[Finding]] = []  # each run's (engine runs only)
         self._outcomes = random.Random(seed * 7919 + 1)
         self._bandit_rng = random.Random(seed * 7919 + 2)
         self.now = START
@@ -168,11 +175,12 @@ class World:
         ]
 
     def cycle(self) -> dict[str, float]:
-        arms = self.evidence()
-        if self.chooser is not None:
-            weights = dict(self.chooser(arms, self.config))
+        if self.chooser is None and self._overrides is None:
+            weights = self._engine_cycle()
+        elif self.chooser is not None:
+            weights = dict(self.chooser(self.evidence(), self.config))
         else:
-            decision = decide(ROUTE, arms, self.config, self._bandit_rng)
+            decision = decide(ROUTE, self.evidence(), self.config, self._bandit_rng)
             self.decisions.append(decision)
             self.reset_at.update(decision.resets)
             weights = decision.weights
@@ -180,6 +188,26 @@ class World:
         self.weights.append(weights)
         self.last_cycle = self.now
         return weights
+
+    def _engine_cycle(self) -> dict[str, float]:
+        """A run of the worker's own planning (`app.cycle.engine`): the monitor's budgets
+        and findings, the bandit, the evidence resets, carried from run to run."""
+        plan = plan_route(
+            ROUTE,
+            self.routes.routes[ROUTE],
+            {n: [b[s] for s in sorted(b)] for n, b in self.buckets.items()},
+            {},
+            self.state,
+            CycleClock(self.now, INTERVAL_S, self.half_life_s),
+            self.settings,
+            self._bandit_rng,
+        )
+        assert plan.decision is not None
+        self.state = plan.state
+        self.reset_at = dict(plan.state.resets)
+        self.decisions.append(plan.decision)
+        self.findings.append(list(plan.findings))
+        return plan.decision.weights
 
     def run(self, requests: int) -> None:
         """Serve `requests` requests, running the cycle after every `requests_per_cycle`."""

@@ -69,7 +69,10 @@ def test_drift_moves_traffic_within_two_runs(seed: int) -> None:
     assert fired[0].direction == "drop"
     assert fired[0].before > 0.93
     assert fired[0].recent < 0.87
-    assert "large" in next(d for d in after if arm(d, "large").drift).drifted  # for the alert
+    assert "large" in next(d for d in after if arm(d, "large").drift).drifted
+    # The monitor's finding, which the worker raises as an alert (severity high).
+    drops = [f for run in w.findings[-2:] for f in run if f.kind == "quality_drop"]
+    assert [(f.subject, f.severity) for f in drops] == [("large", "high")]
     # Its weight is under the next best's, and stays there: the evidence from before the
     # drop is not read again at the next run.
     assert arm(after[-1], "large").weight < arm(after[-1], "medium").weight
