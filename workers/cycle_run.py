@@ -98,27 +98,10 @@ class CycleRunner:
         try:
             await self._steps(log_)
         except BaseException as e:
-            await finish_run(
-                self.engine,
-                log_.run_id,
-                datetime.now(UTC),
-                status="failed",
-                findings=log_.findings,
-                actions=log_.actions,
-                error=type(e).__name__,
-            )
+            await self._finish(log_, "failed", type(e).__name__)
             raise
         await add_decisions(self.engine, log_.decisions)
-        await finish_run(
-            self.engine,
-            log_.run_id,
-            datetime.now(UTC),
-            status="completed",
-            routes=log_.routes,
-            findings=log_.findings,
-            actions=log_.actions,
-            outcomes=log_.outcomes,
-        )
+        await self._finish(log_, "completed")
         log.info(
             "cycle run %s: %d routes, %d findings, %d actions, %d outcomes",
             log_.run_id,
@@ -133,6 +116,19 @@ class CycleRunner:
             "actions": len(log_.actions),
             "outcomes": len(log_.outcomes),
         }
+
+    async def _finish(self, log_: RunLog, status: str, error: str | None = None) -> None:
+        await finish_run(
+            self.engine,
+            log_.run_id,
+            datetime.now(UTC),
+            status=status,
+            routes=log_.routes,
+            findings=log_.findings,
+            actions=log_.actions,
+            outcomes=log_.outcomes,
+            error=error,
+        )
 
     async def _steps(self, log_: RunLog) -> None:
         s = self.settings

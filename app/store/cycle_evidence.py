@@ -10,7 +10,7 @@ nothing new about it, and requests the gateway refused never reached one.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -120,27 +120,28 @@ async def load_buckets(
     return out
 
 
-def by_route(arms: Mapping[ArmKey, list[Bucket]]) -> dict[str, list[Bucket]]:
-    """Each route's buckets, all its deployments and variants together."""
+def _grouped(
+    arms: Mapping[ArmKey, list[Bucket]], of: Callable[[ArmKey], str | None]
+) -> dict[str, list[Bucket]]:
+    """The arms' buckets added up per `of(key)` (arms for which it is None left out)."""
     grouped: dict[str, list[list[Bucket]]] = {}
     for key, buckets in arms.items():
-        grouped.setdefault(key.route, []).append(buckets)
-    return {route: merge(*parts) for route, parts in grouped.items()}
+        name = of(key)
+        if name is not None:
+            grouped.setdefault(name, []).append(buckets)
+    return {name: merge(*parts) for name, parts in grouped.items()}
+
+
+def by_route(arms: Mapping[ArmKey, list[Bucket]]) -> dict[str, list[Bucket]]:
+    """Each route's buckets, all its deployments and variants together."""
+    return _grouped(arms, lambda k: k.route)
 
 
 def by_deployment(arms: Mapping[ArmKey, list[Bucket]], route: str) -> dict[str, list[Bucket]]:
     """A route's buckets per deployment, its variants together."""
-    grouped: dict[str, list[list[Bucket]]] = {}
-    for key, buckets in arms.items():
-        if key.route == route:
-            grouped.setdefault(key.deployment, []).append(buckets)
-    return {name: merge(*parts) for name, parts in grouped.items()}
+    return _grouped(arms, lambda k: k.deployment if k.route == route else None)
 
 
 def by_variant(arms: Mapping[ArmKey, list[Bucket]], route: str) -> dict[str, list[Bucket]]:
     """A route's buckets per variant ("baseline" for requests that had none)."""
-    grouped: dict[str, list[list[Bucket]]] = {}
-    for key, buckets in arms.items():
-        if key.route == route:
-            grouped.setdefault(key.variant or "baseline", []).append(buckets)
-    return {name: merge(*parts) for name, parts in grouped.items()}
+    return _grouped(arms, lambda k: (k.variant or "baseline") if k.route == route else None)
