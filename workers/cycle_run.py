@@ -3,7 +3,9 @@
 Load the window's evidence from the database, let `app.cycle.engine` plan each route,
 then act: publish the adaptive routes' weights to Redis (every gateway picks them up
 within seconds), raise the findings that deserve it as alerts, decide the experiments,
-republish every route's variant plan, and measure what earlier decisions achieved.
+start candidate-prompt experiments where quality is under warning (`cycle_optimizer`),
+republish every route's variant plan, measure what earlier decisions achieved, and
+have the LLM judge score a sample of recent answers for the next run (`cycle_judge`).
 The run is stored with its figures, findings, actions and outcomes.
 
 Redis or the database failing mid-run fails the run (recorded as failed when the
@@ -43,6 +45,9 @@ from app.store.cycle_runs import (
 )
 from app.store.variant_plans import publish_route
 from workers.cycle_experiments import Experiments
+from workers.cycle_judge import Judge
+from workers.cycle_optimizer import Optimizer
+from workers.llm_calls import LLMCalls
 from workers.tasks.alerts import AlertLoop
 
 log = logging.getLogger("flywheel.cycle")
@@ -82,6 +87,7 @@ class CycleRunner:
         engine: AsyncEngine,
         alerts: AlertLoop | None,
         rng: random.Random | None = None,
+        llm: LLMCalls | None = None,
     ) -> None:
         self.settings = settings
         self.routes = routes
@@ -90,6 +96,7 @@ class CycleRunner:
         self.alerts = alerts
         self.prefix = settings.flywheel_redis_prefix
         self.rng = rng or random.Random()
+        self.llm = llm  # the judge's and the optimizer's calls; None: neither configured
 
     async def run(self, trigger: str, job_id: str | None) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -156,9 +163,11 @@ class CycleRunner:
         await self._save_states({p.route: p.state for p in plans})
         await self._raise([f for p in plans for f in p.findings], log_.now)
         await Experiments(self.settings, self.engine, self.redis).step(log_, names)
+        await Optimizer(s, self.routes, self.engine, self.redis, self.llm).step(log_, plans)
         for name in names:  # heals a Redis that lost the plans
             await publish_route(self.engine, self.redis, self.prefix, name)
         await self._measure(log_)
+        await Judge(s, self.routes, self.engine, self.llm).step(log_)
 
     async def _states(self) -> dict[str, RouteState]:
         raw = await cast(Awaitable[dict[bytes, bytes]], self.redis.hgetall(state_key(self.prefix)))

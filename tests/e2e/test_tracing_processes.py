@@ -120,6 +120,13 @@ def test_a_job_enqueued_by_a_request_joins_its_trace(
     spans = _wait_for_spans(collector, trace_id, {"job snapshot_create"})
     job = next(s for s in spans if s.name == "job snapshot_create")
     assert job.service == "flywheel-worker"
-    # Its parent is a span of the gateway's, in the same trace.
+    # Its parent is a span of the gateway's, in the same trace. The gateway exports its
+    # spans in batches after the response; the worker's may well arrive first.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = [s for s in collected(collector.state) if s.trace_id == trace_id]
+        if any(s.span_id == job.parent_id for s in spans):
+            break
+        time.sleep(0.2)
     gateway_ids = {s.span_id for s in spans if s.service == "flywheel"}
     assert job.parent_id in gateway_ids

@@ -48,7 +48,22 @@ def _tool_calls(body: dict[str, Any], kind: str = "") -> list[dict[str, Any]]:
     ]
 
 
+# What the `optimizer` model proposes: four prompts, the second one twice (case and
+# spacing aside), which a reader of the reply drops.
+OPTIMIZER_PROMPTS = (
+    "You are a careful assistant. Answer the question asked, completely and accurately.",
+    "Answer concisely. If the request is ambiguous, state your assumption first.",
+    "answer concisely.  if the request is ambiguous, state your assumption first.",
+    "Think step by step, then give only the final answer, in the format requested.",
+    "Be helpful and precise; never refuse a reasonable request.",
+)
+
+
 def answer_text(body: dict[str, Any], kind: str = "") -> str:
+    if kind == "judge":
+        return 'Verdict:\n```json\n{"score": 8, "reason": "Correct and clear."}\n```'
+    if kind == "optimizer":
+        return json.dumps(list(OPTIMIZER_PROMPTS))
     if kind == "refuse":
         return "I'm sorry, but I can't help with that."
     if kind == "bad-json":

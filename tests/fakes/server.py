@@ -22,6 +22,8 @@ serves every behaviour at once:
   bad-json        text that is not JSON, whatever `response_format` asked
   off-schema      JSON of the wrong types for a `json_schema` (strings as numbers)
   bad-args        tool calls whose arguments are not JSON
+  judge           an LLM judge's verdict: {"score": 8, "reason": "…"} in a code fence
+  optimizer       an optimizer's reply: a JSON list of system prompts (one repeated)
 anything else     a normal answer
 """
 
@@ -91,6 +93,8 @@ def fault_of(model: str) -> tuple[str, int]:
         "exhausted",
         "length",
         "echo-error",
+        "judge",
+        "optimizer",
         *QUALITY_FAULTS,
     ):
         return model, 0

@@ -27,11 +27,13 @@ from app.store.cycle_lock import claim, due, holder, release
 from app.store.db import DB_ERRORS
 from workers.context import finish, get_context
 from workers.cycle_run import CycleRunner
+from workers.llm_calls import LLMCalls
 from workers.tasks import alerts
 from workers.tracking import tracked
 
 log = logging.getLogger("flywheel.cycle")
 TASK_KEY = "cycle"
+LLM_KEY = "cycle_llm"  # the judge's and the optimizer's caller, when either is configured
 TICK_S = 5.0  # how often a worker looks whether a scheduled run is due
 STOP_WAIT_S = 30.0
 OUTAGES = (RedisError, OSError, TimeoutError, *DB_ERRORS)
@@ -41,7 +43,14 @@ def _runner(ctx: dict[str, Any]) -> CycleRunner:
     wctx = get_context(ctx)
     held = ctx.get(alerts.TASK_KEY)
     alert_loop = held[0] if held else None
-    return CycleRunner(wctx.settings, ctx["cycle_routes"], ctx["redis"], wctx.engine, alert_loop)
+    return CycleRunner(
+        wctx.settings,
+        ctx["cycle_routes"],
+        ctx["redis"],
+        wctx.engine,
+        alert_loop,
+        llm=ctx.get(LLM_KEY),
+    )
 
 
 @tracked
@@ -100,18 +109,22 @@ class Schedule:
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
-    ctx["cycle_routes"] = load_routes(get_context(ctx).settings)
+    settings = get_context(ctx).settings
+    ctx["cycle_routes"] = load_routes(settings)
+    ctx[LLM_KEY] = LLMCalls.open(settings, ctx["cycle_routes"])
     schedule = Schedule(ctx)
     ctx[TASK_KEY] = (schedule, asyncio.create_task(schedule.run(), name="flywheel-cycle"))
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     held = ctx.pop(TASK_KEY, None)
-    if held is None:
-        return
-    schedule, task = held
-    schedule.stop()
-    await finish(task, STOP_WAIT_S, "the cycle schedule")
+    if held is not None:
+        schedule, task = held
+        schedule.stop()
+        await finish(task, STOP_WAIT_S, "the cycle schedule")
+    llm: LLMCalls | None = ctx.pop(LLM_KEY, None)
+    if llm is not None:  # after the schedule: a run finishing may still be calling
+        await llm.close()
 
 
 FUNCTIONS = [cycle_run]
