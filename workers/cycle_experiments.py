@@ -24,7 +24,7 @@ from app.cycle.evidence import EMPTY, Bucket, Summary, summarize
 from app.cycle.experiment import ExperimentPolicy, Verdict, WatchVerdict, decide, watch
 from app.cycle.sequential import Arm
 from app.store.cycle_evidence import by_variant, load_buckets
-from app.store.cycle_runs import as_utc, decision
+from app.store.cycle_runs import as_utc, decision, settle
 from app.store.experiments import LIVE, list_experiments, set_variant_status, update_experiment
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class Experiments:
             decision=facts,
         )
         log_.act(exp["route"], status, exp["id"], {"experiment": exp["id"], "decision": facts})
-        self._outcome(log_, exp, "failure", {"ended": status})
+        await self._outcome(log_, exp, "failure", {"ended": status})
 
     async def _baseline(self, route: str, control: str, started: datetime, now: datetime) -> Arm:
         """The old baseline the promoted variant is watched against: the control's
@@ -144,11 +144,18 @@ class Experiments:
             self.engine, exp["id"], status=status, ended_at=log_.now, watch={**w, "last": facts}
         )
         log_.act(exp["route"], kind, winner, {"experiment": exp["id"], "watch": facts})
-        self._outcome(log_, exp, outcome, {"ended": status})
+        await self._outcome(log_, exp, outcome, {"ended": status})
 
-    @staticmethod
-    def _outcome(log_: RunLog, exp: dict[str, Any], outcome: str, stats: dict[str, Any]) -> None:
-        """The experiment as one measured action of its origin's kind."""
+    async def _outcome(
+        self, log_: RunLog, exp: dict[str, Any], outcome: str, stats: dict[str, Any]
+    ) -> None:
+        """The experiment as one measured action of its origin's kind; it also settles
+        the promotion it watched and the candidates it tested."""
+        if exp["winner"] is not None:
+            await settle(
+                self.engine, exp["route"], "promote", exp["winner"], outcome, stats, log_.now
+            )
+        await settle(self.engine, exp["route"], "candidates", exp["id"], outcome, stats, log_.now)
         row = decision(
             log_.run_id, log_.now, exp["route"], f"experiment_{exp['origin']}", exp["id"], None
         )

@@ -57,6 +57,7 @@ ALERT_SEVERITIES = ("critical", "high")
 REWEIGHT_MIN_CHANGE = 0.05  # a reweighting smaller than this is not a decision
 OUTCOME_MIN_SCORES = 30  # scores since a decision before its outcome is judged
 OUTCOME_TOLERANCE = 0.01  # quality may wobble this much and still count as held
+FINAL = frozenset({"retire", "retired", "inconclusive", "rollback", "keep"})
 
 
 def state_key(prefix: str) -> str:
@@ -75,7 +76,9 @@ class RunLog:
 
     def act(self, route: str, kind: str, subject: str | None, stats: dict[str, Any]) -> None:
         self.actions.append({"route": route, "kind": kind, "subject": subject, **stats})
-        self.decisions.append(decision(self.run_id, self.now, route, kind, subject, stats))
+        # Ends of experiments are outcomes themselves, not actions awaiting one.
+        outcome = "n/a" if kind in FINAL else "pending"
+        self.decisions.append(decision(self.run_id, self.now, route, kind, subject, stats, outcome))
 
 
 class CycleRunner:
@@ -219,9 +222,8 @@ class CycleRunner:
     async def _measure(self, log_: RunLog) -> None:
         """The outcome of earlier reweightings: did the route's quality hold since?"""
         settle = log_.now - timedelta(seconds=self.settings.flywheel_cycle_interval_s)
-        for d in await pending_decisions(self.engine, settle):
-            if d["kind"] != "reweight":
-                continue  # experiments measure their own decisions as they end
+        # Only reweightings: experiments settle their decisions as they end.
+        for d in await pending_decisions(self.engine, settle, "reweight"):
             before = d["stats"].get("quality")
             arms = await load_buckets(
                 self.engine, d["created_at"], log_.now, BUCKET_S, [d["route"]]

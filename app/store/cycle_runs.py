@@ -154,11 +154,14 @@ def decision(
     }
 
 
-async def pending_decisions(engine: AsyncEngine, before: datetime) -> list[dict[str, Any]]:
-    """Decisions taken before `before` whose outcome nobody measured yet."""
+async def pending_decisions(
+    engine: AsyncEngine, before: datetime, kind: str
+) -> list[dict[str, Any]]:
+    """Decisions of `kind` taken before `before` whose outcome nobody measured yet."""
+    d = CycleDecision
     q = (
         select(CycleDecision)
-        .where(CycleDecision.outcome == "pending", CycleDecision.created_at < before)
+        .where(d.outcome == "pending", d.kind == kind, d.created_at < before)
         .order_by(CycleDecision.created_at)
         .limit(500)
     )
@@ -184,6 +187,26 @@ async def set_outcome(
         await conn.execute(
             update(CycleDecision)
             .where(CycleDecision.id == decision_id)
+            .values(outcome=outcome, outcome_stats=stats, measured_at=at)
+        )
+
+
+async def settle(
+    engine: AsyncEngine,
+    route: str,
+    kind: str,
+    subject: str,
+    outcome: str,
+    stats: dict[str, Any],
+    at: datetime,
+) -> None:
+    """Measure the pending decisions of `kind` on `subject` (a promotion when its watch
+    ends, candidates when their experiment does)."""
+    d = CycleDecision
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(d)
+            .where(d.route == route, d.kind == kind, d.subject == subject, d.outcome == "pending")
             .values(outcome=outcome, outcome_stats=stats, measured_at=at)
         )
 

@@ -140,9 +140,7 @@ async def create_experiment(
 
 async def get_experiment(engine: AsyncEngine, experiment_id: str) -> dict[str, Any] | None:
     async with engine.connect() as conn:
-        row = (
-            await conn.execute(select(Experiment).where(Experiment.id == experiment_id))
-        ).first()
+        row = (await conn.execute(select(Experiment).where(Experiment.id == experiment_id))).first()
     return None if row is None else experiment_json(row)
 
 

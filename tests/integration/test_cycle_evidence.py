@@ -97,5 +97,6 @@ async def test_buckets_add_up_per_arm_and_bucket(engine: AsyncEngine, route: str
     assert sum(x.requests for x in whole) == 7
     s = summarize(whole, t0.timestamp() + 3600, math.inf)
     assert s.count == 7
-    assert s.quality is not None and math.isclose(s.quality, (2.5 + 1.0 + 0.2) / 6)
+    assert s.quality is not None
+    assert math.isclose(s.quality, (2.5 + 1.0 + 0.2) / 6)
     assert math.isclose(s.error_rate, 1 / 7)
