@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench install dev migrate clean
+.PHONY: run test lint bench demo install dev migrate clean
 
 run: $(BASE_STAMP)
 	$(BIN)/flywheel run
@@ -23,6 +23,11 @@ lint: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python scripts/bench.py
+
+# The virtuous cycle on the gateway `make run` started (same FLYWHEEL_MASTER_KEY);
+# the dev extras bring the openai SDK it drives the gateway with.
+demo: $(DEV_STAMP)
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 migrate: $(BASE_STAMP)
 	$(BIN)/flywheel migrate

@@ -25,6 +25,7 @@ from app.api import (
     alerts,
     chat,
     cycle,
+    datasets,
     embeddings,
     experiments,
     feedback,
@@ -255,6 +256,7 @@ def create_app(
         metrics,
         cycle,
         experiments,
+        datasets,
     ):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)

@@ -5,6 +5,12 @@ the share of good answers against degraded ones (empty, truncated, refusal, inva
 JSON), which is what the virtuous cycle learns to route around. Outcomes are
 deterministic for a given seed: the n-th call to a deployment, or any call carrying the
 same request `seed` and messages, always behaves the same.
+
+A deployment whose block sets `steerable: true` can be degraded on demand (demos and
+drills): a request's `metadata["mock.<deployment>.<field>"]` sets one of STEERABLE for
+that request alone, e.g. `{"mock.cycle-premium.quality": "0.3"}`. Carried by the
+request rather than kept as shared state: nothing to reset afterwards, no I/O on the
+call, and only the requests that ask are affected.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
-from app.errors import UpstreamStatusError
+from app.errors import InvalidRequestError, UpstreamStatusError
 from app.providers.base import JSON, ChatCall, EmbedCall, chunk, completion, usage
 from app.routing.config import MockParams
 from app.schemas.chat import ChatCompletionRequest, ResponseFormatJSONSchema, text_of
@@ -29,6 +36,7 @@ from app.schemas.chat import ChatCompletionRequest, ResponseFormatJSONSchema, te
 DEGRADED_KINDS = ("empty", "truncated", "refusal", "invalid_json")
 REFUSAL = "I'm sorry, but I can't help with that request."
 EMBEDDING_DIMENSIONS = 256
+STEERABLE = frozenset({"quality", "error_rate", "latency_ms", "jitter_ms"})
 
 
 def estimate_tokens(text: str) -> int:
@@ -76,12 +84,37 @@ def example_for(schema: Any, rng: random.Random, depth: int = 0) -> Any:
     return f"mock-{rng.randint(1000, 9999)}"
 
 
+def steered(call: ChatCall) -> MockParams:
+    """The deployment's mock block, with what the request's metadata sets when the block
+    allows it; a value out of range is the client's error (400)."""
+    params = call.deployment.mock or MockParams()
+    meta = call.request.metadata
+    if not params.steerable or not meta:
+        return params
+    head = f"mock.{call.deployment.name}."
+    changes = {k[len(head) :]: v for k, v in meta.items() if k.startswith(head)}
+    if not changes:
+        return params
+    unknown = sorted(set(changes) - STEERABLE)
+    if unknown:
+        raise InvalidRequestError(
+            f"metadata: mock fields {unknown} cannot be steered", param="metadata"
+        )
+    try:
+        return MockParams.model_validate({**params.model_dump(), **changes})
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise InvalidRequestError(
+            f"metadata: {head}{error['loc'][0]}: {error['msg']}", param="metadata"
+        ) from e
+
+
 class MockProvider:
     def __init__(self) -> None:
         self._calls: dict[str, int] = {}
 
     def _outcome(self, call: ChatCall) -> Outcome:
-        params = call.deployment.mock or MockParams()
+        params = steered(call)
         if call.request.seed is not None:
             digest = hashlib.sha256(orjson.dumps(call.body.get("messages"))).hexdigest()
             key = f"{params.seed}:{call.deployment.name}:{call.request.seed}:{digest}"

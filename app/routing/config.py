@@ -33,6 +33,9 @@ class MockParams(_Strict):
     error_rate: float = Field(default=0.0, ge=0, le=1)
     quality: float = Field(default=0.95, ge=0, le=1)
     seed: int = 0
+    # Demos and drills: a request's `metadata["mock.<deployment>.<field>"]` overrides
+    # these fields for that request (see app/providers/mock.py).
+    steerable: bool = False
 
 
 class DeploymentConfig(_Strict):
@@ -292,7 +295,62 @@ def default_routes(settings: Settings) -> RoutesFile:
                 },
             ],
             "cache": {"mode": "on", "ttl_s": 300},
-        }
+        },
+        # The virtuous cycle's demo (`make demo`): three deployments that differ in
+        # quality, latency and price; the cycle learns which gives the most for the
+        # money. Steerable, so the demo can degrade one on demand. No cache (every
+        # request is a new answer to learn from); bodies kept a day for the dataset
+        # export; a fixed latency budget, so only quality and cost rank them.
+        "demo-cycle": {
+            "strategy": "adaptive",
+            "cache": {"mode": "off"},
+            "bodies": {"store": True, "retention_days": 1},
+            "cycle": {"latency_budget_ms": 1500},
+            "deployments": [
+                {
+                    "name": "cycle-budget",
+                    "provider": "mock",
+                    "model": "mock-budget",
+                    "input_cost_per_1k": 0.0001,
+                    "output_cost_per_1k": 0.0002,
+                    "mock": {
+                        "latency_ms": 40,
+                        "jitter_ms": 10,
+                        "quality": 0.7,
+                        "seed": 11,
+                        "steerable": True,
+                    },
+                },
+                {
+                    "name": "cycle-balanced",
+                    "provider": "mock",
+                    "model": "mock-balanced",
+                    "input_cost_per_1k": 0.0005,
+                    "output_cost_per_1k": 0.0015,
+                    "mock": {
+                        "latency_ms": 90,
+                        "jitter_ms": 20,
+                        "quality": 0.9,
+                        "seed": 12,
+                        "steerable": True,
+                    },
+                },
+                {
+                    "name": "cycle-premium",
+                    "provider": "mock",
+                    "model": "mock-premium",
+                    "input_cost_per_1k": 0.0025,
+                    "output_cost_per_1k": 0.01,
+                    "mock": {
+                        "latency_ms": 250,
+                        "jitter_ms": 50,
+                        "quality": 0.99,
+                        "seed": 13,
+                        "steerable": True,
+                    },
+                },
+            ],
+        },
     }
     for route, provider, model, key_env, api_base, cost_in, cost_out in _EXAMPLES:
         if settings.provider_key(key_env) is None:

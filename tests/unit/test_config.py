@@ -37,8 +37,8 @@ def test_env_example_parses_as_settings(monkeypatch: pytest.MonkeyPatch) -> None
     assert s.database_url is None
     assert s.flywheel_config is None
     assert s.openai_api_key is None
-    # Blank keys are unset: only the demo route, no example route without a key.
-    assert set(load_routes(s).routes) == {"demo"}
+    # Blank keys are unset: only the demo routes, no example route without a key.
+    assert set(load_routes(s).routes) == {"demo", "demo-cycle"}
 
 
 def test_blank_values_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,7 +91,7 @@ def test_secrets_are_masked_in_repr() -> None:
 
 
 def test_default_routes_demo_and_keyed_examples() -> None:
-    assert set(default_routes(settings()).routes) == {"demo"}
+    assert set(default_routes(settings()).routes) == {"demo", "demo-cycle"}
     keyed = default_routes(settings(openai_api_key="sk-x", anthropic_api_key="a"))
     assert {"demo", "gpt-4o-mini", "claude-haiku"} <= set(keyed.routes)
 
