@@ -43,6 +43,7 @@ from app.store.cycle_runs import (
     set_outcome,
     start_run,
 )
+from app.store.experiments import BASELINE, promoted_ids
 from app.store.variant_plans import publish_route
 from workers.cycle_experiments import Experiments
 from workers.cycle_judge import Judge
@@ -145,6 +146,13 @@ class CycleRunner:
         names = [n for n, r in self.routes.routes.items() if r.ensemble is None]
         lo = log_.now - timedelta(hours=s.flywheel_cycle_window_h)
         arms = await load_buckets(self.engine, lo, log_.now, BUCKET_S, names)
+        # Deployments are judged on the route's own prompt only: answers a candidate
+        # variant produced (under test, or retired since) say how good the variant is,
+        # not the deployment, and would drag down whichever deployment served them.
+        promoted = await promoted_ids(self.engine)
+        current = {
+            k: b for k, b in arms.items() if k.variant in (None, BASELINE, promoted.get(k.route))
+        }
         states = await self._states()
         clock = CycleClock.of(s, log_.now.timestamp())
         plans: list[RoutePlan] = []
@@ -152,7 +160,7 @@ class CycleRunner:
             plan = plan_route(
                 name,
                 self.routes.routes[name],
-                by_deployment(arms, name),
+                by_deployment(current, name),
                 by_variant(arms, name),
                 states.get(name, RouteState()),
                 clock,

@@ -151,9 +151,19 @@ async def variant_retire(state: StateDep, variant_id: VariantId) -> dict[str, An
     if found["status"] == "testing":
         raise Conflict(f"variant {variant_id} is under test: stop its experiment first")
     now = datetime.now(UTC)
-    await read_db(
-        "variants", lambda: set_variant_status(state.engine, [variant_id], "retired", now)
-    )
+    engine = state.engine
+    await read_db("variants", lambda: set_variant_status(engine, [variant_id], "retired", now))
+    # A promotion under watch ends with its variant: nothing is left to watch.
+    for exp in await read_db(
+        "experiments", lambda: list_experiments(engine, found["route"], ("watching",))
+    ):
+        if exp["winner"] == variant_id:
+            await read_db(
+                "experiments",
+                lambda exp=exp: update_experiment(  # type: ignore[misc]
+                    engine, exp["id"], status="stopped", ended_at=now
+                ),
+            )
     published = await _publish(state, found["route"])
     return {**await variant_get(state, variant_id), "plan_published": published}
 
@@ -219,18 +229,20 @@ async def experiment_get(state: StateDep, experiment_id: ExperimentId) -> dict[s
 
 @router.post("/experiments/{experiment_id}/stop")
 async def experiment_stop(state: StateDep, experiment_id: ExperimentId) -> dict[str, Any]:
-    """Stop a running experiment: its variants are retired, the baseline keeps all the
-    traffic. (A watched promotion is ended by retiring the promoted variant.)"""
+    """Stop an experiment. A running one: its variants are retired and the baseline keeps
+    all the traffic. A watched promotion: the watch ends and the promoted variant stays
+    (retire it to return to the previous prompt)."""
     found = await experiment_get(state, experiment_id)
-    if found["status"] != "running":
+    if found["status"] not in LIVE:
         raise Conflict(f"experiment {experiment_id} is {found['status']}, not running")
     now = datetime.now(UTC)
     engine = state.engine
-    tested = [v for v in found["arms"] if v != found["control"]]
+    if found["status"] == "running":
+        tested = [v for v in found["arms"] if v != found["control"]]
+        await read_db("variants", lambda: set_variant_status(engine, tested, "retired", now))
     await read_db(
         "experiments",
         lambda: update_experiment(engine, experiment_id, status="stopped", ended_at=now),
     )
-    await read_db("variants", lambda: set_variant_status(engine, tested, "retired", now))
     published = await _publish(state, found["route"])
     return {**await experiment_get(state, experiment_id), "plan_published": published}

@@ -178,3 +178,11 @@ async def promoted_variant(engine: AsyncEngine, route: str) -> dict[str, Any] | 
     async with engine.connect() as conn:
         row = (await conn.execute(q)).first()
     return None if row is None else variant_json(row)
+
+
+async def promoted_ids(engine: AsyncEngine) -> dict[str, str]:
+    """Each route's promoted variant id (routes without one left out)."""
+    q = select(PromptVariant.route, PromptVariant.id).where(PromptVariant.status == "promoted")
+    async with engine.connect() as conn:
+        rows: Sequence[Any] = (await conn.execute(q)).all()
+    return {str(route): str(vid) for route, vid in rows}

@@ -248,3 +248,21 @@ async def test_experiment_promotes_then_rolls_back(
         ("rollback", "n/a"),
         ("experiment_admin", "failure"),
     }
+
+
+async def test_a_candidate_variants_answers_do_not_count_against_its_deployment(
+    scene: Scene, redis: Redis, engine: AsyncEngine
+) -> None:
+    await add(engine, rows(scene, "good", 0.97, 400, since_s=3 * 3600, seed=6))
+    await add(engine, rows(scene, "poor", 0.85, 400, since_s=3 * 3600, seed=7))
+    # A bad candidate variant that happened to be served by "good": the variant's
+    # failure, not the deployment's.
+    await add(engine, rows(scene, "good", 0.1, 400, since_s=3 * 3600, variant="var_bad", seed=8))
+    result = await runner(scene, redis, engine).run("manual", None)
+    raw = await redis.hgetall(weights_key(scene.prefix, scene.route))  # type: ignore[misc]
+    assert float(raw[b"good"]) > 0.9
+    run = await get_run(engine, result["run_id"])
+    assert run is not None
+    figures = run["routes"][scene.route]
+    assert figures["deployments"]["good"]["quality"] > 0.9
+    assert figures["variants"]["var_bad"]["quality"] < 0.2  # still reported per variant
