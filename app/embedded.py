@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -127,12 +128,35 @@ def stop(proc: subprocess.Popen[bytes], name: str) -> None:
         proc.wait()
 
 
+MASTER_KEY_FILE = "master_key"
+
+
+def dev_master_key(var_dir: Path) -> str:
+    """The embedded system's master key when none is set: made once, kept in the var dir
+    (readable by its owner only), so admin endpoints and `make demo` work out of the box
+    while nothing but this machine's user can use them."""
+    path = var_dir / MASTER_KEY_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    key = "fw-master-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    return key
+
+
 def run(settings: Settings, migrate: Callable[[str], None]) -> int:
     """Start everything, wait for Ctrl-C / SIGTERM or a child's death, stop in order."""
     var_dir = settings.flywheel_var_dir
     var_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["FLYWHEEL_VAR_DIR"] = str(var_dir.resolve())
+    if settings.flywheel_master_key is None and settings.flywheel_env == "dev":
+        env["FLYWHEEL_MASTER_KEY"] = dev_master_key(var_dir)
+        print(
+            f"flywheel: admin endpoints take the master key in {var_dir / MASTER_KEY_FILE}",
+            file=sys.stderr,
+        )
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 

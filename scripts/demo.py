@@ -352,15 +352,19 @@ def master_key(given: str | None) -> str:
     if given:
         return given
     from app.config import Settings  # reads the environment and .env, as `make run` does
+    from app.embedded import MASTER_KEY_FILE
 
-    key = Settings().flywheel_master_key
-    if key is None:
-        raise DemoError(
-            "no master key: the demo needs the FLYWHEEL_MASTER_KEY `make run` was started "
-            "with.\n  export FLYWHEEL_MASTER_KEY=sk-dev-$(openssl rand -hex 16)\n"
-            "then restart `make run` and run `make demo` in the same shell (or put it in .env)"
-        )
-    return key.get_secret_value()
+    settings = Settings()
+    if settings.flywheel_master_key is not None:
+        return settings.flywheel_master_key.get_secret_value()
+    # `make run` without one made one for the embedded system, here.
+    made = settings.flywheel_var_dir / MASTER_KEY_FILE
+    if made.exists():
+        return made.read_text(encoding="utf-8").strip()
+    raise DemoError(
+        "no master key: start the system with `make run` (it keeps one in "
+        f"{made}), or pass --master-key / set FLYWHEEL_MASTER_KEY as the gateway has it"
+    )
 
 
 def main() -> int:

@@ -67,8 +67,22 @@ def run_once(tmp: Path, port: int, sig: signal.Signals) -> None:
             json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert answer.status_code == 200
+        # No master key was set: the embedded system made one, for its user only, and
+        # the admin endpoints take it (the same one on every start).
+        made = tmp / "master_key"
+        assert made.stat().st_mode & 0o777 == 0o600
+        master = made.read_text().strip()
+        status = httpx.get(
+            url + "/v1/virtuous-cycle/status",
+            headers={"authorization": f"Bearer {master}"},
+            timeout=10,
+        )
+        assert status.status_code == 200, status.text
+        assert "demo-cycle" in status.json()["routes"]
         proc.send_signal(sig)
         assert proc.wait(20) == 0
+        assert proc.stdout is not None
+        assert master.encode() not in proc.stdout.read()  # only where it is, never itself
     finally:
         if proc.poll() is None:
             proc.kill()
