@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     flywheel_experiment_min_improvement: float = Field(default=0.02, ge=0, lt=1)
     flywheel_experiment_confidence: float = Field(default=0.95, gt=0.5, lt=1)
     flywheel_experiment_max_sample: int = Field(default=20_000, gt=0)
-    # An LLM judge scores this share of answers (of routes that keep bodies or any
-    # route when unset) through the named route; unset: no judge.
+    # An LLM judge scores this share of the answers of routes that keep bodies (it
+    # reads the exchange from them) through the named route; unset: no judge.
     flywheel_judge_route: str | None = None
     flywheel_judge_sample: float = Field(default=0.05, ge=0, le=1)
     # An optimizer route writes candidate system prompts for routes under their
