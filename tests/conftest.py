@@ -132,6 +132,19 @@ async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
     await client.aclose()
 
 
+@pytest.fixture
+def own_prefix(redis_url: str, key_prefix: str) -> Iterator[str]:
+    """A Redis prefix of the test's own (under the session's); every key under it is
+    deleted afterwards."""
+    value = f"{key_prefix}t{uuid.uuid4().hex[:8]}:"
+    yield value
+    client = sync_redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=value + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("var")

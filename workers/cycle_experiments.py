@@ -24,8 +24,9 @@ from app.cycle.evidence import EMPTY, Bucket, Summary, summarize
 from app.cycle.experiment import ExperimentPolicy, Verdict, WatchVerdict, decide, watch
 from app.cycle.sequential import Arm
 from app.store.cycle_evidence import by_variant, load_buckets
-from app.store.cycle_runs import as_utc, decision, settle
+from app.store.cycle_runs import decision, settle
 from app.store.experiments import LIVE, list_experiments, set_variant_status, update_experiment
+from app.store.metrics_history import as_utc
 
 if TYPE_CHECKING:
     from workers.cycle_run import RunLog
@@ -55,7 +56,6 @@ class Experiments:
 
     async def _decide(self, exp: dict[str, Any], log_: RunLog) -> None:
         started = as_utc(datetime.fromisoformat(exp["started_at"]))
-        assert started is not None
         buckets = await self._arms(exp["route"], started, log_.now)
         now = log_.now.timestamp()
         stats = {v: _summary(buckets.get(v), now) for v in exp["arms"]}
@@ -124,7 +124,6 @@ class Experiments:
         w = exp["watch"] or {}
         winner = exp["winner"]
         promoted_at = as_utc(datetime.fromisoformat(w["promoted_at"]))
-        assert promoted_at is not None
         assert winner is not None
         buckets = await self._arms(exp["route"], promoted_at, log_.now)
         now = log_.now.timestamp()

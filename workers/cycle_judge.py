@@ -34,7 +34,8 @@ from app.cycle.judge import judge_messages, parse_verdict
 from app.errors import GatewayError
 from app.observability.redact import Redactor
 from app.routing.config import RoutesFile
-from app.store.cycle_runs import as_utc, last_run
+from app.store.cycle_runs import last_run
+from app.store.metrics_history import as_utc
 from app.store.quality import RULES, set_judge_score
 from app.store.schema import RequestBody, RequestRow
 from workers.llm_calls import JUDGE_TAG, LLMCalls, redactors_for

@@ -16,6 +16,7 @@ but time.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -28,12 +29,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.cycle.engine import CycleClock, RoutePlan, RouteState, plan_route
-from app.cycle.evidence import summarize
+from app.cycle.evidence import Bucket, since, summarize
 from app.cycle.monitor import Finding
 from app.observability.anomaly import KINDS, Candidate
 from app.routing.config import RoutesFile
 from app.routing.weights import weights_key
-from app.store.cycle_evidence import by_deployment, by_variant, load_buckets
+from app.store.cycle_evidence import (
+    ArmKey,
+    by_deployment,
+    by_route,
+    by_variant,
+    load_buckets,
+)
 from app.store.cycle_runs import (
     add_decisions,
     decision,
@@ -177,7 +184,7 @@ class CycleRunner:
         await Optimizer(s, self.routes, self.engine, self.redis, self.llm).step(log_, plans)
         for name in names:  # heals a Redis that lost the plans
             await publish_route(self.engine, self.redis, self.prefix, name)
-        await self._measure(log_)
+        await self._measure(log_, arms)
         await Judge(s, self.routes, self.engine, self.llm).step(log_)
 
     async def _states(self) -> dict[str, RouteState]:
@@ -227,18 +234,16 @@ class CycleRunner:
         candidates = [_candidate(f) for f in findings if f.severity in ALERT_SEVERITIES]
         await self.alerts.raise_all([c for c in candidates if c is not None], now)
 
-    async def _measure(self, log_: RunLog) -> None:
-        """The outcome of earlier reweightings: did the route's quality hold since?"""
+    async def _measure(self, log_: RunLog, arms: Mapping[ArmKey, list[Bucket]]) -> None:
+        """The outcome of earlier reweightings: did the route's quality hold since? Read
+        from this run's evidence (whole buckets started since the decision)."""
         settle = log_.now - timedelta(seconds=self.settings.flywheel_cycle_interval_s)
+        routes = by_route(arms)
         # Only reweightings: experiments settle their decisions as they end.
         for d in await pending_decisions(self.engine, settle, "reweight"):
             before = d["stats"].get("quality")
-            arms = await load_buckets(
-                self.engine, d["created_at"], log_.now, BUCKET_S, [d["route"]]
-            )
-            after = summarize(
-                [b for bs in arms.values() for b in bs], log_.now.timestamp(), float("inf")
-            )
+            buckets = since(routes.get(d["route"], []), d["created_at"].timestamp())
+            after = summarize(buckets, log_.now.timestamp(), math.inf)
             if before is None or after.quality is None or after.n_scored < OUTCOME_MIN_SCORES:
                 continue
             ok = after.quality >= before - OUTCOME_TOLERANCE

@@ -67,11 +67,11 @@ POLL_S = 0.1
 WaitQuery = Query(default=JOB_WAIT_S, ge=0, le=JOB_WAIT_MAX_S)
 
 
-def _json(body: dict[str, Any], status: int = 200) -> Response:
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _queue_down(e: BaseException | None = None) -> ServiceUnavailableError:
+def queue_down(e: BaseException | None = None) -> ServiceUnavailableError:
     why = f" ({type(e).__name__})" if e is not None else " (no Redis configured)"
     return ServiceUnavailableError(
         f"the job queue (Redis) is unavailable{why}; the worker cannot be reached",
@@ -97,7 +97,7 @@ def _job_failed(error: BaseException) -> GatewayError:
 
 async def _run_job(state: AppState, function: str, wait_s: float, *args: Any) -> Response:
     if state.jobs is None:
-        raise _queue_down()
+        raise queue_down()
     try:
         async with asyncio.timeout(5.0):
             # The request's trace context goes with the job (a keyword the worker's job
@@ -107,14 +107,14 @@ async def _run_job(state: AppState, function: str, wait_s: float, *args: Any) ->
             raise GatewayError(f"{function} was not enqueued", code="job_not_enqueued")
         info = await _wait(job, wait_s)
     except (RedisError, OSError, TimeoutError) as e:
-        raise _queue_down(e) from e
+        raise queue_down(e) from e
     if info is None:
         pending = {"object": "job", "id": job.job_id, "function": function}
-        return _json({**pending, "url": f"/admin/jobs/{job.job_id}"}, status=202)
+        return json_response({**pending, "url": f"/admin/jobs/{job.job_id}"}, status=202)
     if not info.success:
         raise _job_failed(info.result)
     result = info.result
-    return _json(result if isinstance(result, dict) else {"result": result})
+    return json_response(result if isinstance(result, dict) else {"result": result})
 
 
 async def _wait(job: Job, wait_s: float) -> Any:
@@ -139,7 +139,7 @@ async def snapshots_list(state: StateDep) -> Response:
         snapshots = await list_snapshots(state.engine)
     except SnapshotError as e:
         raise _job_failed(e) from e
-    return _json({"object": "list", "data": [s.as_dict() for s in snapshots]})
+    return json_response({"object": "list", "data": [s.as_dict() for s in snapshots]})
 
 
 @router.post("/snapshots")
@@ -166,14 +166,14 @@ async def snapshots_restore(
 async def job_status(state: StateDep, job_id: str = Path(max_length=128)) -> Response:
     """A job an admin call enqueued: its status and, when complete, its outcome."""
     if state.jobs is None:
-        raise _queue_down()
+        raise queue_down()
     job = Job(job_id, state.jobs, _queue_name=state.jobs.default_queue_name)
     try:
         async with asyncio.timeout(5.0):
             status = await job.status()
             info = await job.result_info() if status == JobStatus.complete else None
     except (RedisError, OSError, TimeoutError) as e:
-        raise _queue_down(e) from e
+        raise queue_down(e) from e
     if status == JobStatus.not_found:
         raise NotFoundError(f"no job {job_id} (unknown, or its result has expired)")
     body: dict[str, Any] = {"object": "job", "id": job_id, "status": status.value}
@@ -184,4 +184,4 @@ async def job_status(state: StateDep, job_id: str = Path(max_length=128)) -> Res
         else:
             error = _job_failed(info.result)
             body["error"] = error.body()["error"]
-    return _json(body)
+    return json_response(body)

@@ -12,21 +12,21 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar
 
 from arq.jobs import Job, JobStatus
 from fastapi import APIRouter, Path, Query
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from app.api.admin import _json, _queue_down
+from app.api.admin import json_response, queue_down
 from app.deps import AdminDep, StateDep
 from app.errors import NotFoundError, ServiceUnavailableError
 from app.observability.tracing import traceparent
 from app.routing.weights import weights_key
 from app.state import AppState
 from app.store.alerts import list_alerts
-from app.store.cycle_lock import claim, holder, next_at, release
+from app.store.cycle_lock import claim, current_key, next_key, release
 from app.store.cycle_runs import get_run, last_run, list_runs
 from app.store.db import DB_ERRORS
 from app.store.experiments import LIVE, list_experiments
@@ -55,7 +55,7 @@ async def trigger(state: StateDep) -> Response:
     """Queue a cycle run now: 202 with its job id, or with the run already queued or
     running (`already_running: true`)."""
     if state.jobs is None or state.redis is None:
-        raise _queue_down()
+        raise queue_down()
     prefix = state.settings.flywheel_redis_prefix
     job_id = f"cycle-{uuid.uuid4().hex[:16]}"
     try:
@@ -67,7 +67,7 @@ async def trigger(state: StateDep) -> Response:
                 )
                 if job is None:  # cannot happen with a fresh id; never leave it held
                     await release(state.redis, prefix, job_id)
-                    raise _queue_down()
+                    raise queue_down()
                 status = JobStatus.queued
             else:
                 job_id = held
@@ -75,7 +75,7 @@ async def trigger(state: StateDep) -> Response:
                     job_id, state.jobs, _queue_name=state.jobs.default_queue_name
                 ).status()
     except (RedisError, OSError, TimeoutError) as e:
-        raise _queue_down(e) from e
+        raise queue_down(e) from e
     body = {
         "object": "cycle.job",
         "id": job_id,
@@ -83,7 +83,7 @@ async def trigger(state: StateDep) -> Response:
         "already_running": held is not None,
         "url": f"/admin/jobs/{job_id}",
     }
-    return _json(body, status=202)
+    return json_response(body, status=202)
 
 
 @router.get("/runs")
@@ -118,15 +118,23 @@ async def _live(state: AppState) -> tuple[dict[str, dict[str, float]], float | N
     adaptive = [n for n, r in state.router.routes.items() if r.strategy == "adaptive"]
     try:
         async with asyncio.timeout(REDIS_TIMEOUT_S):
-            weights: dict[str, dict[str, float]] = {}
-            for name in adaptive:
-                raw = await cast(
-                    Awaitable[dict[bytes, bytes]], state.redis.hgetall(weights_key(prefix, name))
-                )
-                weights[name] = {k.decode(): float(v) for k, v in raw.items()}
-            return weights, await next_at(state.redis, prefix), await holder(state.redis, prefix)
-    except (RedisError, OSError, TimeoutError, ValueError):
+            async with state.redis.pipeline(transaction=False) as pipe:  # one round trip
+                for name in adaptive:
+                    pipe.hgetall(weights_key(prefix, name))
+                pipe.get(next_key(prefix))
+                pipe.get(current_key(prefix))
+                *raw, due_at, running = await pipe.execute()
+    except (RedisError, OSError, TimeoutError):
         return {}, None, None
+    try:
+        weights = {
+            name: {k.decode(): float(v) for k, v in found.items()}
+            for name, found in zip(adaptive, raw, strict=True)
+        }
+        next_run = None if due_at is None else float(due_at)
+    except ValueError:  # a hand-edited key: show the rest
+        return {}, None, None
+    return weights, next_run, None if running is None else running.decode()
 
 
 @router.get("/status")

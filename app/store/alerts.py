@@ -51,7 +51,8 @@ class Span:
         return self.window_start - timedelta(seconds=self.baseline_s)
 
 
-def _is_error() -> ColumnElement[bool]:
+def is_error() -> ColumnElement[bool]:
+    """A request the deployment failed (the `ERROR_STATUSES` or a 5xx)."""
     r = RequestRow
     return or_(r.status >= 500, r.status.in_(ERROR_STATUSES))
 
@@ -64,7 +65,7 @@ def _requests_query(lo: datetime, hi: datetime) -> Executable:
             r.route,
             r.deployment,
             func.count(),
-            func.sum(case((_is_error(), 1), else_=0)),
+            func.sum(case((is_error(), 1), else_=0)),
             func.sum(case((ok, 1), else_=0)),
             func.sum(case((ok, r.latency_ms), else_=0.0)),
             func.sum(case((ok, r.latency_ms * r.latency_ms), else_=0.0)),

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Float, Integer, and_, case, cast, func, or_, select
+from sqlalchemy import ColumnElement, Float, Integer, and_, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cycle.evidence import LATENCY_BOUNDS_MS, Bucket, merge
-from app.store.alerts import ERROR_STATUSES
+from app.store.alerts import is_error
 from app.store.schema import RequestRow
 
 CHAT = "chat.completions"
@@ -39,11 +39,6 @@ def _bucket_index(dialect: str, bucket_s: int) -> ColumnElement[Any]:
     else:  # SQLite keeps UTC timestamps as text, which strftime reads
         epoch = cast(func.strftime("%s", r.created_at), Integer)
     return func.floor(cast(epoch, Float) / bucket_s)
-
-
-def _is_error() -> ColumnElement[bool]:
-    r = RequestRow
-    return or_(r.status >= 500, r.status.in_(ERROR_STATUSES))
 
 
 def _histogram() -> list[ColumnElement[Any]]:
@@ -80,7 +75,7 @@ async def load_buckets(
             r.variant,
             index,
             func.count(),
-            func.sum(case((_is_error(), 1), else_=0)),
+            func.sum(case((is_error(), 1), else_=0)),
             func.count(q),
             func.coalesce(func.sum(q), 0.0),
             func.coalesce(func.sum(q * q), 0.0),

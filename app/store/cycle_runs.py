@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.store.metrics_history import as_utc
 from app.store.schema import CycleDecision, CycleRun
 
 
@@ -23,16 +24,8 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def as_utc(ts: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; every one stored here is UTC."""
-    if ts is None:
-        return None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 def iso(ts: datetime | None) -> str | None:
-    t = as_utc(ts)
-    return None if t is None else t.isoformat()
+    return None if ts is None else as_utc(ts).isoformat()
 
 
 async def start_run(

@@ -7,14 +7,13 @@ Each test has its own Redis prefix and route names; the rows it adds are removed
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -49,14 +48,8 @@ class Rig:
 
 
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    value = f"fwcyc{uuid.uuid4().hex[:8]}:"
-    yield value
-    client = sync_redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=value + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def prefix(own_prefix: str) -> str:
+    return own_prefix
 
 
 @pytest.fixture

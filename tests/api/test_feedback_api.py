@@ -25,15 +25,20 @@ from tests.integration.test_store_and_worker import record
 MASTER = "fw-master-key-for-feedback-tests-0123456789"
 
 
+def gateway_settings(make_settings: Callable[..., Settings], **over: Any) -> Settings:
+    """A gateway that wants a key, with the master key and the fake upstream's key."""
+    return make_settings(
+        openai_api_key="sk-test-0123456789",
+        flywheel_master_key=MASTER,
+        flywheel_auth="required",
+        **over,
+    )
+
+
 @pytest.fixture
 async def served(make_settings: Callable[..., Settings], openai_upstream: FakeServer) -> Any:
     prefix = f"fwfb{uuid.uuid4().hex[:6]}:"
-    settings = make_settings(
-        openai_api_key="sk-test-0123456789",
-        flywheel_redis_prefix=prefix,
-        flywheel_master_key=MASTER,
-        flywheel_auth="required",
-    )
+    settings = gateway_settings(make_settings, flywheel_redis_prefix=prefix)
     routes = routes_for(chat=openai_route(openai_upstream.url))
     async with Served(create_app(settings, routes)) as gw:
         yield gw, prefix
@@ -186,12 +191,7 @@ async def test_another_gateway_checks_the_owner_in_redis_then_in_the_database(
     make_settings: Callable[..., Settings], openai_upstream: FakeServer, redis_url: str
 ) -> None:
     prefix = f"fwfb{uuid.uuid4().hex[:6]}:"
-    settings = make_settings(
-        openai_api_key="sk-test-0123456789",
-        flywheel_redis_prefix=prefix,
-        flywheel_master_key=MASTER,
-        flywheel_auth="required",
-    )
+    settings = gateway_settings(make_settings, flywheel_redis_prefix=prefix)
     routes = routes_for(chat=openai_route(openai_upstream.url))
     async with (
         Served(create_app(settings, routes)) as first,
@@ -226,12 +226,10 @@ async def test_feedback_is_accepted_when_no_owner_can_be_checked(
     make_settings: Callable[..., Settings], openai_upstream: FakeServer
 ) -> None:
     # Redis and the database both unreachable: the worker's own check decides later.
-    settings = make_settings(
-        openai_api_key="sk-test-0123456789",
+    settings = gateway_settings(
+        make_settings,
         redis_url=f"redis://127.0.0.1:{closed_port()}/0",
         database_url=f"postgresql://127.0.0.1:{closed_port()}/nothing",
-        flywheel_master_key=MASTER,
-        flywheel_auth="required",
     )
     routes = routes_for(chat=openai_route(openai_upstream.url))
     async with Served(create_app(settings, routes)) as gw:
@@ -251,11 +249,8 @@ async def test_an_unknown_id_is_accepted_while_the_database_is_down(
 ) -> None:
     # Redis answers (the id is not in its index) but the database, which would hold
     # older ids, does not: the request may exist, so the feedback is kept.
-    settings = make_settings(
-        openai_api_key="sk-test-0123456789",
-        database_url=f"postgresql://127.0.0.1:{closed_port()}/nothing",
-        flywheel_master_key=MASTER,
-        flywheel_auth="required",
+    settings = gateway_settings(
+        make_settings, database_url=f"postgresql://127.0.0.1:{closed_port()}/nothing"
     )
     routes = routes_for(chat=openai_route(openai_upstream.url))
     async with Served(create_app(settings, routes)) as gw:

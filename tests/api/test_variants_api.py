@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import redis as sync_redis
 from redis.asyncio import Redis
 
 from app.config import Settings
@@ -30,15 +29,8 @@ REFRESH_S = 0.05
 
 
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A prefix of this test's own; every key under it is deleted afterwards."""
-    value = f"fwvar{uuid.uuid4().hex[:8]}:"
-    yield value
-    client = sync_redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=value + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def prefix(own_prefix: str) -> str:
+    return own_prefix
 
 
 @pytest.fixture
