@@ -144,6 +144,26 @@ class Settings(BaseSettings):
     # How long a gateway remembers which key made a request, so feedback can be
     # checked before the request's row reaches the database.
     flywheel_feedback_owner_ttl_s: float = Field(default=600.0, gt=0)
+    # Files (`/v1/files`) live here, shared by every gateway and worker (a volume they
+    # all mount); unset: `<var dir>/files`. Uploads over the size limit get a 413.
+    flywheel_files_dir: Path | None = None
+    flywheel_files_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    # Batch files (inputs and outputs) expire after this many days unless the upload
+    # (or the batch's `output_expires_after`) says otherwise.
+    flywheel_batch_file_expiry_days: float = Field(default=30.0, gt=0)
+    flywheel_batch_max_requests: int = Field(default=50_000, gt=0)
+    # Lines in flight per batch, and for every batch together across all workers.
+    flywheel_batch_concurrency: int = Field(default=8, gt=0)
+    flywheel_batch_global_concurrency: int = Field(default=64, gt=0)
+    # Batches one worker runs at once; tries per line on retryable errors (429, 5xx,
+    # timeouts) before it is written to the error file.
+    flywheel_batch_max_active: int = Field(default=4, gt=0)
+    flywheel_batch_line_attempts: int = Field(default=4, gt=0)
+    # A worker holds a batch for this long and renews it while running; a crashed
+    # worker's batch is taken over once it lapses.
+    flywheel_batch_lease_s: float = Field(default=30.0, gt=0)
+    # How often a worker looks for batches to run, and a running batch for a cancel.
+    flywheel_batch_poll_s: float = Field(default=1.0, gt=0)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -236,6 +256,10 @@ class Settings(BaseSettings):
     @property
     def snapshot_dir(self) -> Path:
         return self.flywheel_snapshot_dir or self.flywheel_var_dir / "snapshots"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.flywheel_files_dir or self.flywheel_var_dir / "files"
 
     @property
     def redis_dsn(self) -> str | None:

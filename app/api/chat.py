@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from app.api import cached, variants
 from app.api.admission import admit
-from app.api.auth import authenticate
+from app.api.auth import Caller, authenticate
 from app.api.bodies import keep_response, note_route, stream_sink
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
@@ -44,16 +44,25 @@ PATH = "/v1/chat/completions"
 
 
 async def handle(
-    state: AppState, rid: str, read: BodyReader, headers: Mapping[str, str]
+    state: AppState,
+    rid: str,
+    read: BodyReader,
+    headers: Mapping[str, str],
+    *,
+    caller: Caller | None = None,
+    batch: str | None = None,
 ) -> Response:
+    """`caller` is given for a batch's line (its owner, already known to the worker that
+    runs `batch`); a client's request is authenticated from its headers."""
     tracing = state.tracing
-    exchange = Exchange(rid, "chat.completions", span=tracing.current_span())
+    exchange = Exchange(rid, "chat.completions", span=tracing.current_span(), batch=batch)
     cache_plan: cached.CachePlan | None = None
     flight: Flight | None = None
     result: JSON | None = None
     try:
-        with tracing.span("auth"):
-            caller = await authenticate(state, headers)
+        if caller is None:
+            with tracing.span("auth"):
+                caller = await authenticate(state, headers)
         length = headers.get("content-length")
         raw = await read_json_object(read, length, state.settings.flywheel_max_body_bytes)
         # `raw` is the client's body, `body` the one sent upstream (with the route's

@@ -60,6 +60,7 @@ class Exchange:
     # SLO) and the answer (a chat completion, or what a stream gathered of it).
     expect: Expectations = NO_EXPECTATIONS
     answer: dict[str, Any] | None = None
+    batch: str | None = None  # the batch whose line this is (a worker runs it)
 
     @property
     def wants_whole_text(self) -> bool:
@@ -116,7 +117,7 @@ class Exchange:
         if d is not None:
             cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
         trace_id = None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {} if self.batch is None else {"batch_id": self.batch}
         if self.span is not None and self.span.is_recording():
             trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
             extra["traceparent"] = parent

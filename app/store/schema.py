@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The Alembic head this code was written for; the app refuses to start on another.
 # A test keeps it equal to the head of migrations/versions.
-SCHEMA_REVISION = "0006_cycle"
+SCHEMA_REVISION = "0007_batches"
 
 ID = String(64)  # request/completion ids: "chatcmpl-" + 24 hex, with room
 NAME = String(128)  # route, deployment, provider, model and variant names
@@ -312,3 +312,62 @@ class CycleDecision(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="pending")
     outcome_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     measured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StoredFile(Base):
+    """A file uploaded to `/v1/files` or written by a batch: its bytes live in the files
+    directory (`Settings.files_dir`, under its id), its metadata here. It belongs to the
+    key that uploaded it (or whose batch wrote it); `owner` None is the master key."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_created_at", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-" + 24 hex
+    owner: Mapped[str | None] = mapped_column(String(64))  # key id
+    purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(Integer)
+    lines: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))  # processed, error
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Batch(Base):
+    """A batch of requests (`/v1/batches`), run by the workers. Its state follows
+    OpenAI's (validating → in_progress → finalizing → completed, or failed, expired,
+    cancelling → cancelled); `lease_*` is which worker runs it, until when."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_owner_created_at", "owner", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "batch_" + 24 hex
+    owner: Mapped[str | None] = mapped_column(String(64))  # key id; None: master key
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    model: Mapped[str | None] = mapped_column(NAME)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    output_expires_s: Mapped[int | None] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
