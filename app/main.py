@@ -20,12 +20,14 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from app.api import (
     admin,
     alerts,
+    batches,
     chat,
     cycle,
     datasets,
     embeddings,
     experiments,
     feedback,
+    files,
     health,
     keys,
     metrics,
@@ -125,6 +127,8 @@ def create_app(
         cycle,
         experiments,
         datasets,
+        batches,
+        files,
     ):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)

@@ -38,6 +38,7 @@ from app.ratelimit.limiter import Limiter
 from app.ratelimit.tokens import TokenCounter
 from app.routing.config import RoutesFile
 from app.routing.dispatch import Dispatcher
+from app.routing.live_queue import LiveQueuePublisher, replica_id
 from app.routing.router import Router
 from app.routing.weights import refresh_forever
 from app.state import AppState, make_job_queue
@@ -91,7 +92,7 @@ async def open_state(
     recorder.start()
     cache = make_cache(settings)
     cache_task = asyncio.create_task(cache.run_background(), name="cache") if cache.l2 else None
-    weights_task = variants_task = None
+    weights_task = variants_task = live_task = None
     router = Router(routes, settings)
     dispatcher = Dispatcher(router)
     limiter = Limiter(redis, settings.flywheel_redis_prefix, settings.flywheel_replicas)
@@ -158,10 +159,14 @@ async def open_state(
             redis, settings.flywheel_redis_prefix, router.names, settings.flywheel_weights_refresh_s
         )
         variants_task = asyncio.create_task(plans, name="variants")
+        if gateway:  # batch lines in the workers yield to this replica's queued requests
+            live = LiveQueuePublisher(redis, settings.flywheel_redis_prefix, router, replica_id())
+            live_task = asyncio.create_task(live.run_forever(), name="live-queue")
     try:
         yield state
     finally:
-        for task in (weights_task, variants_task, cache_task, metrics_task, sweep_task):
+        tasks = (weights_task, variants_task, live_task, cache_task, metrics_task, sweep_task)
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -14,7 +14,16 @@ from arq.connections import RedisSettings
 from app.config import Settings
 from app.observability.logging import configure_logging
 from workers.context import shutdown, startup
-from workers.tasks import alerts, consolidate, cycle, heartbeat, maintenance, metrics, snapshots
+from workers.tasks import (
+    alerts,
+    batches,
+    consolidate,
+    cycle,
+    heartbeat,
+    maintenance,
+    metrics,
+    snapshots,
+)
 
 _settings = Settings()
 TASK_MODULES: tuple[Any, ...] = (
@@ -25,6 +34,7 @@ TASK_MODULES: tuple[Any, ...] = (
     snapshots,
     alerts,
     cycle,
+    batches,
 )
 
 

@@ -23,7 +23,7 @@ from app.api.bodies import keep_response, note_route, stream_sink
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import chat_call
 from app.api.ensemble import run_ensemble
-from app.api.exchange import Exchange
+from app.api.exchange import BatchTag, Exchange
 from app.api.responses import EventStream, JSONBytes
 from app.api.routing import request_deadline, resolve_route
 from app.api.streaming import StreamSink, first_chunk, sse_body
@@ -50,7 +50,7 @@ async def handle(
     headers: Mapping[str, str],
     *,
     caller: Caller | None = None,
-    batch: str | None = None,
+    batch: BatchTag | None = None,
 ) -> Response:
     """`caller` is given for a batch's line (its owner, already known to the worker that
     runs `batch`); a client's request is authenticated from its headers."""

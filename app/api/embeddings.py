@@ -15,7 +15,7 @@ from app.api.auth import Caller, authenticate
 from app.api.bodies import embeddings_summary, keep_response, note_route
 from app.api.body import BodyReader, openapi_body, read_json_object, request_body, validate
 from app.api.calls import embed_call
-from app.api.exchange import Exchange
+from app.api.exchange import BatchTag, Exchange
 from app.api.routing import request_deadline
 from app.api.traced import traced_attempt
 from app.cache.service import Flight
@@ -38,7 +38,7 @@ async def handle(
     headers: Mapping[str, str],
     *,
     caller: Caller | None = None,
-    batch: str | None = None,
+    batch: BatchTag | None = None,
 ) -> Response:
     """`caller` is given for a batch's line (its owner, already known to the worker that
     runs `batch`); a client's request is authenticated from its headers."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,13 @@ from app.store.records import Recorder, RequestRecord
 
 log = logging.getLogger("flywheel.records")
 NO_EXPECTATIONS = Expectations()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTag:
+    batch_id: str
+    # Awaited before each upstream attempt (the worker's yield to live traffic).
+    before_attempt: Callable[[Target], Awaitable[object]] | None = None
 
 
 @dataclass(slots=True)
@@ -60,7 +68,9 @@ class Exchange:
     # SLO) and the answer (a chat completion, or what a stream gathered of it).
     expect: Expectations = NO_EXPECTATIONS
     answer: dict[str, Any] | None = None
-    batch: str | None = None  # the batch whose line this is (a worker runs it)
+    # The batch whose line this is (a worker runs it): named in the record, and each
+    # upstream attempt first waits out live traffic queued for the deployment.
+    batch: BatchTag | None = None
 
     @property
     def wants_whole_text(self) -> bool:
@@ -117,7 +127,7 @@ class Exchange:
         if d is not None:
             cost = prompt / 1000 * d.input_cost_per_1k + completion / 1000 * d.output_cost_per_1k
         trace_id = None
-        extra: dict[str, Any] = {} if self.batch is None else {"batch_id": self.batch}
+        extra: dict[str, Any] = {} if self.batch is None else {"batch_id": self.batch.batch_id}
         if self.span is not None and self.span.is_recording():
             trace_id, parent = self._trace(status, d, prompt, completion, finish_reason, error_type)
             extra["traceparent"] = parent

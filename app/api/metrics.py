@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from app.deps import StateDep
 from app.errors import AuthenticationError, ServiceUnavailableError
+from app.observability.batch_metrics import batch_exposition, read_batch_stats
 from app.observability.metrics import GatewayMetrics
 from app.observability.queue_metrics import consolidation_exposition
 from app.state import AppState
@@ -74,7 +75,8 @@ async def metrics(state: StateDep) -> Response:
         body = await registry.exposition()
     else:
         body = generate_latest(registry)
-    return Response(body + await _queue(state), media_type=CONTENT_TYPE_LATEST)
+    shared = await asyncio.gather(_queue(state), _batches(state))
+    return Response(body + b"".join(shared), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _queue(state: AppState) -> bytes:
@@ -87,6 +89,18 @@ async def _queue(state: AppState) -> bytes:
     except (RedisError, OSError, TimeoutError):
         return b""
     return consolidation_exposition(status)
+
+
+async def _batches(state: AppState) -> bytes:
+    """Batch execution, as the workers flushed it; none while Redis does not answer."""
+    if state.redis is None:
+        return b""
+    try:
+        async with asyncio.timeout(QUEUE_TIMEOUT_S):
+            stats = await read_batch_stats(state.redis, state.settings.flywheel_redis_prefix)
+    except (RedisError, OSError, TimeoutError):
+        return b""
+    return batch_exposition(stats)
 
 
 @router.get("/metrics/cache")

@@ -45,6 +45,11 @@ class ConcurrencyLimiter:
         self._ceiling: float | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot now (batch work yields to them, see live_queue)."""
+        return len(self._waiters)
+
     def _has_room(self) -> bool:
         return self.in_flight < self.limit and self._clock() >= self.paused_until
 

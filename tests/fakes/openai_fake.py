@@ -125,6 +125,7 @@ async def _chat(state: FakeState, request: web.Request) -> web.StreamResponse:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = calls
+    state.answered[_last_text(body)] += 1
     return web.json_response(
         {
             "id": "chatcmpl-upstream",

@@ -7,7 +7,8 @@ Fault modes are chosen by the upstream model name a deployment asks for, so one 
 serves every behaviour at once:
   fail-<status>   answer that status with the provider's error shape
                   (429 carries `Retry-After: 2`)
-  slow-<ms>       wait that long before answering (or before the first chunk)
+  slow-<ms>       wait that long before answering (or before the first chunk), and
+                  while `state.hold` is set; a caller that hangs up is not answered
   cut-<n>         stream n content chunks, then drop the connection
   malformed       stream one good chunk, then a chunk that is not JSON
   drip-<ms>       stream chunks <ms> apart, many of them (for disconnect tests)
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +67,11 @@ class FakeState:
     in_flight: dict[str, int] = field(default_factory=dict)
     peak_in_flight: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    # While set, `slow-<ms>` answers wait (after their delay) before answering, still
+    # noticing a caller that hangs up: a test can hold every request in flight.
+    hold: bool = False
+    # Chat completions answered in full (200, not streamed), by the last message's text.
+    answered: Counter[str] = field(default_factory=Counter)
 
     def count(self, model: str) -> int:
         """How many requests for `model` this fake has received."""
@@ -151,6 +158,12 @@ async def wait_or_disconnect(state: FakeState, request: web.Request, seconds: fl
     """Sleep like a slow upstream, but notice (and note) a caller that hangs up: False."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            state.disconnects.append(time.monotonic())
+            return False
+        await asyncio.sleep(0.01)
+    while state.hold:
         transport = request.transport
         if transport is None or transport.is_closing():
             state.disconnects.append(time.monotonic())
