@@ -20,7 +20,7 @@ COPY alembic.ini flywheel.example.yaml ./
 # Editable, so `flywheel migrate` finds alembic.ini and migrations/ under /app.
 RUN pip install --no-deps -e . \
     && useradd --system --uid 10001 --home /app flywheel \
-    && mkdir -p /app/var && chown flywheel /app/var
+    && mkdir -p /app/var/files && chown -R flywheel /app/var
 
 USER flywheel
 ENV FLYWHEEL_ENV=prod \

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.auth import Caller, authenticate
 from app.errors import AuthenticationError, PermissionDeniedError
 from app.state import AppState
 
@@ -40,3 +41,11 @@ async def require_admin(request: Request, state: StateDep) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+
+async def _caller(request: Request, state: StateDep) -> Caller:
+    # A dependency, so a missing key is a 401 before any parameter is checked.
+    return await authenticate(state, request.headers)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]

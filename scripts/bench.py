@@ -7,15 +7,24 @@ the gateway's RSS idle and after load, its cold start, and cache hits (one ident
 JSON request answered from L1, then from L2 by a gateway without L1; c=16), and what
 authentication + per-key rate limiting cost (auth+limits: one gateway, c=1, requests
 without a key and with a virtual key that has RPM, TPM and a budget, alternating; see
-bench/auth.py). Everything listens on 127.0.0.1 only and every process started here is
-stopped on exit, including Ctrl-C.
+bench/auth.py), and the Batch API (bench/batch.py: batch throughput at
+FLYWHEEL_BATCH_CONCURRENCY 1, 8 and 32 against a 200 ms upstream, and live JSON latency
+at c=8 alone and while a batch runs, on another route and on the live route itself).
+Everything listens on 127.0.0.1 only and every process started here is stopped on exit,
+including Ctrl-C.
 
     .venv/bin/python scripts/bench.py [--quick | --seconds S] [--repeat N] [--json out.json]
                                       [--no-cache] [--no-resilience] [--no-auth | --auth-only]
+                                      [--no-batch | --batch-only]
 
 Only the auth+limits scenario (nginx, Redis and that scenario's gateway, nothing else):
 
     .venv/bin/python scripts/bench.py --auth-only [--seconds S] [--repeat N]
+
+Only the Batch API scenario (nginx, Redis, the 200 ms upstream, a gateway and workers;
+the live loads last 1.5 x S, 15 s by default; a few minutes per repeat):
+
+    .venv/bin/python scripts/bench.py --batch-only [--seconds S] [--repeat N] [--json out.json]
 
 It is a report, not a test: it exits 0 when the run completed, whether or not targets
 were met (pass --strict to exit 1 on a missed target).
@@ -38,7 +47,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import auth, cache, check, langsmith, report, ttft, wrk
+from bench import auth, batch, cache, check, langsmith, report, ttft, wrk
 from bench.body import ChatBody
 from bench.gateway import Gateway, GatewaySetup, start_measured, start_reference
 from bench.procs import BenchError, Processes
@@ -94,6 +103,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run only the LangSmith-hanging scenario: JSON at c=1 with LangSmith off and "
         "with LangSmith at a server that never answers, alternating in 4 rounds",
     )
+    batch_group = parser.add_mutually_exclusive_group()
+    batch_group.add_argument("--no-batch", action="store_true", help="skip the Batch API scenario")
+    batch_group.add_argument(
+        "--batch-only",
+        action="store_true",
+        help="run only the Batch API scenario: batch throughput at concurrency 1, 8 and 32 "
+        "against a 200 ms upstream, then live JSON at c=8 for 1.5 x S s alone and while a "
+        "batch runs (on another route, on the live route); --repeat N runs it N times",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3.0
@@ -102,8 +120,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("need 0 < --seconds <= 600, --repeat >= 1, --ttft-requests >= 1")
     if (args.auth_only or args.langsmith_only) and args.direct_only:
         parser.error("--auth-only and --langsmith-only need a gateway, not --direct-only")
-    if args.auth_only and args.langsmith_only:
-        parser.error("--auth-only and --langsmith-only: one scenario only, or neither")
+    if sum((args.auth_only, args.langsmith_only, args.batch_only)) > 1:
+        parser.error("--auth-only, --langsmith-only, --batch-only: one scenario only, or none")
+    if args.batch_only and args.direct_only:
+        parser.error("--batch-only needs a gateway, not --direct-only")
     return args
 
 
@@ -274,9 +294,11 @@ def write_json(
     runs: list[Figures],
     med: Figures,
     resilience: dict[str, Any] | None,
+    batch_result: dict[str, Any] | None = None,
 ) -> None:
     out: dict[str, Any] = {
         "resilience": resilience,
+        "batch": batch_result,
         "meta": {
             **meta,
             "seconds_per_cell": args.seconds,
@@ -286,6 +308,7 @@ def write_json(
             "cache_scenario": not args.no_cache and not args.auth_only,
             "auth_scenario": not args.no_auth and not args.direct_only,
             "langsmith_scenario": not args.no_langsmith and not args.direct_only,
+            "batch_scenario": batch_result is not None,
         },
         "runs": runs,
         "median": med,
@@ -318,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     runs: list[Figures] = []
     resilience: dict[str, Any] | None = None
+    batch_result: dict[str, Any] | None = None
     try:
         with (
             tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp_name,
@@ -337,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.langsmith_only:
                 redis_url = start_redis(procs, tmp)
                 ls_setups = langsmith.setups(tmp / "ls", nginx_port, redis_url, hang_port)
-            elif not args.direct_only:
+            elif not args.direct_only and not args.batch_only:  # batch: its own, below
                 setup = GatewaySetup(tmp / "gateway", nginx_port, start_redis(procs, tmp))
                 reference = start_reference(procs, tmp / "reference", nginx_port)
                 if not args.no_cache:
@@ -354,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 auth_setup.prepare()
             for ls_setup in (ls_setups or {}).values():
                 ls_setup.prepare()
-            for i in range(args.repeat):
+            for i in range(0 if args.batch_only else args.repeat):
                 progress(f"run {i + 1}/{args.repeat} ({args.seconds:g} s per cell)")
                 run = Run(args, wrk_bin, nginx_port, reference)
                 runs.append(run_once(procs, run, setup, cache_tiers, auth_setup, ls_setups))
@@ -364,12 +388,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 resilience = run_resilience(
                     procs, tmp / "resilience", setup.redis_url, max(args.seconds, 4.0)
                 )
+            if args.batch_only or (setup is not None and not args.no_batch):
+                progress("Batch API scenario (throughput, live latency beside a batch)")
+                redis_url = setup.redis_url if setup is not None else start_redis(procs, tmp)
+                steal = steal_share()
+                batch_result = batch.run_batch(
+                    procs,
+                    tmp / "batch",
+                    nginx_port,
+                    redis_url,
+                    wrk_bin,
+                    args.repeat,
+                    max(5.0, round(1.5 * args.seconds)),
+                    progress,
+                )
+                batch_result["meta"]["cpu_steal_pct"] = steal()
     except KeyboardInterrupt:
         print("\nbench: interrupted; processes stopped.", file=sys.stderr)
         return 130
     except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    if args.batch_only:
+        assert batch_result is not None
+        print(batch.render(batch_result).lstrip("\n"))
+        print(f"\n(wall time {time.perf_counter() - started:.0f} s, {os.cpu_count()} CPUs)")
+        if args.json is not None:
+            write_json(args.json, args, tool_versions(nginx, wrk_bin), [], {}, None, batch_result)
+            print(f"numbers written to {args.json}")
+        return 0
     med = report.medians(runs)
     prompts = "one identical prompt" if args.same_prompt else "a unique prompt per request"
     print(
@@ -379,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.render(med, len(runs)))
     if resilience is not None:
         print(render_resilience(resilience))
+    if batch_result is not None:
+        print(batch.render(batch_result))
     steals = ", ".join(f"{r.get('cpu_steal_pct', 0.0):.0f}%" for r in runs)
     print(f"\nCPU stolen by the host, per run: {steals} (noise outside the gateway)")
     print(
@@ -386,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nginx, wrk and the gateway share them)"
     )
     if args.json is not None:
-        write_json(args.json, args, tool_versions(nginx, wrk_bin), runs, med, resilience)
+        meta = tool_versions(nginx, wrk_bin)
+        write_json(args.json, args, meta, runs, med, resilience, batch_result)
         print(f"numbers written to {args.json}")
     missed = [t for t in report.targets() if t.verdict(med) == "MISS"]
     return 1 if args.strict and missed else 0

@@ -20,6 +20,16 @@ class Caller:
     key: KeyInfo | None = None  # None: the master key or an anonymous caller
     master: bool = False
 
+    @property
+    def owner(self) -> str | None:
+        """Who owns what this caller creates (files, batches): its key's id; None for
+        the master key and anonymous callers (where keys are optional)."""
+        return None if self.key is None else self.key.id
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether this caller may see what `owner` made (the master key sees all)."""
+        return self.master or owner == self.owner
+
     def check_route(self, route: str) -> None:
         if self.key is not None and not self.key.allows(route):
             raise PermissionDeniedError(

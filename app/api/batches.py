@@ -13,13 +13,13 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from app.api.auth import Caller, authenticate
+from app.api.auth import Caller
 from app.api.body import read_json_object, request_body, validate
 from app.api.cycle import read_db
-from app.deps import StateDep
+from app.deps import CallerDep, StateDep
 from app.errors import InvalidRequestError, NotFoundError
 from app.state import AppState
 from app.store.batches import (
@@ -28,9 +28,9 @@ from app.store.batches import (
     cancel_batch,
     create_batch,
     get_batch,
-    get_file,
     list_batches,
 )
+from app.store.files import get_file
 from app.store.metrics_history import as_utc
 from app.store.schema import Batch
 
@@ -80,17 +80,7 @@ class BatchCreate(BaseModel):
 BATCH_CREATE = TypeAdapter(BatchCreate)
 
 
-async def _caller(request: Request, state: StateDep) -> Caller:
-    # A dependency, so a missing key is a 401 before any parameter is checked.
-    return await authenticate(state, request.headers)
-
-
-CallerDep = Annotated[Caller, Depends(_caller)]
 BatchId = Annotated[str, Path(max_length=64)]
-
-
-def owner_of(caller: Caller) -> str | None:
-    return caller.key.id if caller.key is not None else None
 
 
 def _not_found(batch_id: str) -> NotFoundError:
@@ -101,7 +91,7 @@ async def _visible(state: AppState, caller: Caller, batch_id: str) -> Batch:
     if BATCH_ID.fullmatch(batch_id) is None:
         raise _not_found(batch_id)
     row = await read_db("batches", lambda: get_batch(state.engine, batch_id))
-    if row is None or not (caller.master or row.owner == owner_of(caller)):
+    if row is None or not caller.owns(row.owner):
         raise _not_found(batch_id)
     return row
 
@@ -111,7 +101,7 @@ async def _input_lines(state: AppState, caller: Caller, file_id: str, now: datet
     file = await read_db("files", lambda: get_file(state.engine, file_id))
     # Another key's file, and an expired one, are not found: as the Files API says.
     expired = file is not None and file.expires_at is not None and as_utc(file.expires_at) <= now
-    if file is None or expired or not (caller.master or file.owner == owner_of(caller)):
+    if file is None or expired or not caller.owns(file.owner):
         raise NotFoundError(
             f"No file found with id '{file_id}'.", param="input_file_id", code="file_not_found"
         )
@@ -150,7 +140,7 @@ async def batch_create(request: Request, state: StateDep, caller: CallerDep) -> 
         "batches",
         lambda: create_batch(
             state.engine,
-            owner=owner_of(caller),
+            owner=caller.owner,
             endpoint=spec.endpoint,
             input_file_id=spec.input_file_id,
             completion_window=spec.completion_window,
@@ -173,7 +163,7 @@ async def batch_list(
     rows, more = await read_db(
         "batches",
         lambda: list_batches(
-            state.engine, owner=owner_of(caller), everyone=caller.master, after=after, limit=limit
+            state.engine, owner=caller.owner, everyone=caller.master, after=after, limit=limit
         ),
     )
     data = [batch_object(r) for r in rows]

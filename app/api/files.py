@@ -22,14 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, BinaryIO, Literal, NamedTuple
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
 from app.api.admin import json_response
-from app.api.auth import Caller, authenticate
+from app.api.auth import Caller
 from app.api.cycle import read_db
-from app.deps import StateDep
+from app.deps import CallerDep, StateDep
 from app.errors import GatewayError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from app.files.batch_lines import BadLine, scan_upload
 from app.files.storage import FileStorage, is_file_id, new_file_id
@@ -80,21 +80,7 @@ UPLOAD_FORM = {
 }
 
 
-async def _caller(request: Request, state: StateDep) -> Caller:
-    # A dependency, so a missing key is a 401 before any parameter is checked.
-    return await authenticate(state, request.headers)
-
-
-CallerDep = Annotated[Caller, Depends(_caller)]
 FileId = Annotated[str, Path(max_length=64)]
-
-
-def owner_of(caller: Caller) -> str | None:
-    return caller.key.id if caller.key is not None else None
-
-
-def sees(caller: Caller, row: StoredFile) -> bool:
-    return caller.master or row.owner == owner_of(caller)
 
 
 def _not_found(file_id: str) -> NotFoundError:
@@ -113,7 +99,7 @@ async def _visible(state: AppState, caller: Caller, file_id: str) -> StoredFile:
     if not is_file_id(file_id):
         raise _not_found(file_id)
     row = await read_db("files", lambda: get_file(state.engine, file_id))
-    if row is None or not sees(caller, row) or is_expired(row, datetime.now(UTC)):
+    if row is None or not caller.owns(row.owner) or is_expired(row, datetime.now(UTC)):
         raise _not_found(file_id)
     return row
 
@@ -217,7 +203,7 @@ async def create_file(request: Request, state: StateDep, caller: CallerDep) -> R
             lambda: add_file(
                 state.engine,
                 file_id=file_id,
-                owner=owner_of(caller),
+                owner=caller.owner,
                 purpose=got.purpose,
                 filename=got.filename,
                 size=got.size,
@@ -252,7 +238,7 @@ async def list_all(
         "files",
         lambda: list_files(
             state.engine,
-            owner=owner_of(caller),
+            owner=caller.owner,
             everyone=caller.master,
             now=datetime.now(UTC),
             purpose=purpose,

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 
-from app.api.auth import Caller, authenticate
-from app.deps import StateDep
+from app.deps import CallerDep, StateDep
 
 router = APIRouter()
-
-
-async def _caller(request: Request, state: StateDep) -> Caller:
-    return await authenticate(state, request.headers)
-
-
-CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 def _model(name: str, created: int) -> dict[str, Any]:

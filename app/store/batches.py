@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.store.metrics_history import as_utc
-from app.store.schema import Batch, StoredFile
+from app.store.schema import Batch
 
 # OpenAI accepts only "24h"; a batch not done by then expires (what is done is kept).
 WINDOWS = {"24h": timedelta(hours=24)}
@@ -185,9 +185,3 @@ async def cancel_batch(engine: AsyncEngine, batch_id: str, now: datetime) -> Bat
             .execution_options(synchronize_session=False)
         )
         return await session.get(Batch, batch_id, populate_existing=True)
-
-
-async def get_file(engine: AsyncEngine, file_id: str) -> StoredFile | None:
-    """A file's row, for checking a batch's input file (its bytes are the workers')."""
-    async with _session(engine) as session:
-        return await session.get(StoredFile, file_id)

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from arq.connections import RedisSettings, create_pool
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.files.storage import FileStorage, new_file_id
+from app.store.files import add_file, delete_file, get_file
 from app.store.jobs import read_jobs
 from app.store.schema import RequestBody, RequestRow
 from workers.context import shutdown, startup
@@ -162,3 +165,49 @@ async def test_prune_with_nothing_to_do_is_one_cheap_pass(engine: AsyncEngine) -
         "cutoff": datetime(1970, 1, 1, tzinfo=UTC).isoformat(),
         "more": False,
     }
+
+
+async def test_retention_also_removes_expired_files_and_their_bytes(
+    engine: AsyncEngine,
+    redis_url: str,
+    database_url: str,
+    key_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = key_prefix + "maintfiles:"
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("FLYWHEEL_REDIS_PREFIX", prefix)
+    monkeypatch.setenv("FLYWHEEL_VAR_DIR", str(tmp_path))
+    storage = FileStorage(tmp_path / "files")
+    now = datetime.now(UTC)
+    expired, kept = new_file_id(), new_file_id()
+    for file_id, expires in ((expired, now - timedelta(hours=1)), (kept, now + timedelta(days=1))):
+        await asyncio.to_thread(storage.write, file_id, [b'{"a": 1}\n'])
+        await add_file(
+            engine,
+            file_id=file_id,
+            owner=None,
+            purpose="batch_output",
+            filename="out.jsonl",
+            size=9,
+            lines=1,
+            expires_at=expires,
+        )
+    redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=prefix + "q")
+    ctx: dict[str, Any] = {"redis": redis, "job_try": 1}
+    await startup(ctx)
+    try:
+        done = await prune_retention(ctx)
+        assert done["files_deleted"] >= 1
+        assert await get_file(engine, expired) is None
+        assert not storage.path(expired).exists()
+        assert await get_file(engine, kept) is not None
+        assert storage.path(kept).exists()
+    finally:
+        await shutdown(ctx)
+        await delete_file(engine, kept)
+        keys = [k async for k in redis.scan_iter(match=prefix + "*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()

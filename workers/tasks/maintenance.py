@@ -5,7 +5,8 @@ request bodies past their own `expires_at`, in chunks of `PRUNE_CHUNK` rows, one
 transaction each with a pause between, so the database (SQLite has one writer, and the
 consolidator is writing) is never held for long. A run stops after `PRUNE_BUDGET_S`,
 within the job timeout, and enqueues a follow-up for the rest. It also runs at worker
-start-up, for installations that are not up at the daily hour.
+start-up, for installations that are not up at the daily hour. Then expired files
+(`/v1/files` uploads and batch outputs), up to `FILES_CHUNK` a run.
 
 `vacuum_database` returns the space freed by pruning and refreshes the planner's
 statistics: VACUUM on SQLite, VACUUM ANALYZE on PostgreSQL. Neither can run inside a
@@ -25,11 +26,14 @@ from sqlalchemy import ColumnElement, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import InstrumentedAttribute
 
+from app.files.prune import prune_expired
+from app.files.storage import FileStorage
 from app.store.schema import RequestBody, RequestRow
 from workers.context import get_context
 from workers.tracking import tracked
 
 PRUNE_CHUNK = 2000
+FILES_CHUNK = 500  # expired files removed per run (each is a row and a file)
 CHUNK_PAUSE_S = 0.05
 PRUNE_BUDGET_S = 240.0
 FOLLOW_UP_DEFER_S = 60.0
@@ -90,6 +94,13 @@ async def prune_retention(ctx: dict[str, Any]) -> dict[str, Any]:
         retention_days=wctx.settings.flywheel_request_retention_days,
         budget_s=PRUNE_BUDGET_S,
     )
+    if not done["more"]:
+        # Expired files (`/v1/files`, batch outputs): rows, then their bytes.
+        files = await prune_expired(
+            wctx.engine, FileStorage.from_settings(wctx.settings), datetime.now(UTC)
+        )
+        done["files_deleted"] = files
+        done["more"] = files >= FILES_CHUNK
     if done["more"]:
         await ctx["redis"].enqueue_job("prune_retention", _defer_by=FOLLOW_UP_DEFER_S)
     return done
