@@ -10,6 +10,7 @@ there: never two outputs for one batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
@@ -118,14 +120,15 @@ async def write_results(
     for part, kind in ((out, "output"), (err, "errors")):
         if part is None or await get_file(engine, part.file_id) is not None:
             continue
-        await add_file(
-            engine,
-            file_id=part.file_id,
-            owner=batch.owner,
-            purpose="batch_output",
-            filename=f"{batch.id}_{kind}.jsonl",
-            size=part.size,
-            lines=part.lines,
-            expires_at=now + keep,
-        )
+        with contextlib.suppress(IntegrityError):  # another finalizer was first: same file
+            await add_file(
+                engine,
+                file_id=part.file_id,
+                owner=batch.owner,
+                purpose="batch_output",
+                filename=f"{batch.id}_{kind}.jsonl",
+                size=part.size,
+                lines=part.lines,
+                expires_at=now + keep,
+            )
     return Written(None if out is None else out.file_id, None if err is None else err.file_id)

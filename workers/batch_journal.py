@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,49 @@ class Done:
     def decode(cls, raw: bytes) -> Done:
         data = orjson.loads(raw)
         return cls(int(data["n"]), bool(data["ok"]), data["r"])
+
+
+@dataclass(slots=True)
+class Tally:
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def add(self, done: Done) -> None:
+        if done.ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        response = done.result.get("response") or {}
+        usage = (response.get("body") or {}).get("usage") if done.ok else None
+        if not isinstance(usage, dict):
+            return
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
+        for name, value in (
+            ("input_tokens", prompt),
+            ("output_tokens", completion),
+            ("cached_tokens", int(details.get("cached_tokens") or 0)),
+            ("reasoning_tokens", int(reasoning or 0)),
+        ):
+            self.usage[name] = self.usage.get(name, 0) + value
+
+    def progress(self) -> dict[str, Any]:
+        u = self.usage
+        inp, out = u.get("input_tokens", 0), u.get("output_tokens", 0)
+        return {
+            "completed": self.completed,
+            "failed": self.failed,
+            "usage": {
+                "input_tokens": inp,
+                "input_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)},
+                "output_tokens": out,
+                "output_tokens_details": {"reasoning_tokens": u.get("reasoning_tokens", 0)},
+                "total_tokens": inp + out,
+            },
+        }
 
 
 class Journal:
@@ -120,6 +163,8 @@ class JournalWriter:
         self._task = asyncio.create_task(self._run(), name="batch-journal")
 
     async def add(self, done: Done) -> None:
+        if self._closing:
+            raise RuntimeError("batch journal closed")
         written = asyncio.get_running_loop().create_future()
         self._pending.append((done, written))
         self._wake.set()

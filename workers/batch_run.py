@@ -1,17 +1,11 @@
 """One batch, run by one worker: validate, execute its lines, finalize its files.
 
-Lines go through the gateway's own request handlers (`app.api.chat.handle`,
-`app.api.embeddings.handle`) on the worker's runtime (`app.runtime.open_state`), as
-the batch's owner: the same routing, retries, fallbacks, breakers, cache, key limits,
-budgets and request records as live traffic. Below live traffic:
-- each upstream attempt first waits while live requests are queued for its deployment
-  in any gateway (`LiveQueueGate`);
-- lines in flight are bounded per batch and, across every worker, by `GlobalSlots`.
-
-A line is done once its result is in the batch's journal (`workers.batch_journal`),
-so a crash at any moment resumes with exactly the lines not yet written. A line that
-fails on a 408, 429 or 5xx is tried again (the answer's Retry-After honoured) before
-its error goes to the error file; limits' 429s wait without using up its tries.
+Each line runs as live traffic does, below it (`workers.batch_line`); lines in flight
+are bounded per batch (FLYWHEEL_BATCH_CONCURRENCY) and, across every worker, by
+`GlobalSlots`. A line is done once its result is in the batch's journal
+(`workers.batch_journal`), so a crash at any moment resumes with exactly the lines not
+yet written. Every FLYWHEEL_BATCH_POLL_S the run checkpoints (progress, the lease) and
+sees a cancel, the end of the completion window, a lost lease or the worker stopping.
 """
 
 from __future__ import annotations
@@ -19,41 +13,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from app.api import chat, embeddings
-from app.api.auth import Caller
-from app.api.exchange import BatchTag
-from app.api.middleware import new_request_id
-from app.auth.resolver import KeyInfo
 from app.config import Settings
-from app.errors import GatewayError
 from app.files.batch_lines import BadLine, BatchLine
 from app.files.storage import FileStorage
 from app.observability.batch_metrics import BatchStats
 from app.routing.live_queue import LiveQueueGate
-from app.routing.router import Target
 from app.state import AppState
 from app.store.batch_runs import checkpoint, load, move, release
 from app.store.batch_slots import GlobalSlots
 from app.store.db import DB_ERRORS
 from app.store.metrics_history import as_utc
-from app.store.schema import ApiKey, Batch
-from workers.batch_checks import CHAT, check_input, read_lines
-from workers.batch_files import result_line, unrun_line, write_results
-from workers.batch_journal import Done, Journal, JournalWriter
+from app.store.schema import Batch
+from workers.batch_checks import check_input, read_lines
+from workers.batch_files import write_results
+from workers.batch_journal import Done, Journal, JournalWriter, Tally
+from workers.batch_line import REVOKED, LineRunner, owner_of, pause
 
 log = logging.getLogger("flywheel.batches")
-RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
-RATE_LIMIT_WAITS = 100  # a key's own limits may hold a line back this often
 READ_CHUNK = 256  # input lines read per trip to a thread
 OWNER_RECHECK_S = 30.0  # how often a running batch re-reads its owner key
 SHUTDOWN_WAIT_S = 20.0  # lines in flight get this long to finish when the worker stops
@@ -73,85 +55,8 @@ class BatchServices:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass(slots=True)
-class Tally:
-    completed: int = 0
-    failed: int = 0
-    usage: dict[str, int] = field(default_factory=dict)
-
-    def add(self, done: Done) -> None:
-        if done.ok:
-            self.completed += 1
-        else:
-            self.failed += 1
-        response = done.result.get("response") or {}
-        usage = (response.get("body") or {}).get("usage") if done.ok else None
-        if not isinstance(usage, dict):
-            return
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        details = usage.get("prompt_tokens_details") or {}
-        reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
-        for name, value in (
-            ("input_tokens", prompt),
-            ("output_tokens", completion),
-            ("cached_tokens", int(details.get("cached_tokens") or 0)),
-            ("reasoning_tokens", int(reasoning or 0)),
-        ):
-            self.usage[name] = self.usage.get(name, 0) + value
-
-    def progress(self) -> dict[str, Any]:
-        u = self.usage
-        inp, out = u.get("input_tokens", 0), u.get("output_tokens", 0)
-        return {
-            "completed": self.completed,
-            "failed": self.failed,
-            "usage": {
-                "input_tokens": inp,
-                "input_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)},
-                "output_tokens": out,
-                "output_tokens_details": {"reasoning_tokens": u.get("reasoning_tokens", 0)},
-                "total_tokens": inp + out,
-            },
-        }
-
-
 def now_utc() -> datetime:
     return datetime.now(UTC)
-
-
-def retry_wait(error: GatewayError, tries: int, max_tries: int, waits: int) -> float | None:
-    """Seconds to wait before trying the line again; None: its error is final."""
-    if error.status not in RETRYABLE or error.code == "insufficient_quota":
-        return None
-    limits = error.status == 429 and error.code == "rate_limit_exceeded"
-    if (waits >= RATE_LIMIT_WAITS) if limits else (tries >= max_tries):
-        return None
-    try:
-        hinted = float(error.headers.get("retry-after", "") or 0)
-    except ValueError:
-        hinted = 0.0
-    backoff = min(30.0, 0.5 * 2 ** max(0, tries - 1)) * (0.5 + random.random())
-    return max(hinted, 0.05 if limits else backoff)
-
-
-async def owner_of(state: AppState, owner: str | None) -> Caller | None:
-    """The batch's owner as a caller; None when its key is gone, revoked or expired."""
-    if owner is None:
-        return Caller("master", master=True)
-    async with AsyncSession(state.engine) as session:
-        row = await session.get(ApiKey, owner)
-    if row is None:
-        return None
-    info = KeyInfo.of(row)
-    if not info.usable(time.time()):
-        return None
-    return Caller(f"key:{info.id}", key=info)
-
-
-async def _until(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 class BatchRun:
@@ -163,8 +68,15 @@ class BatchRun:
         self.tally = Tally()
         self.stop = asyncio.Event()
         self.reason: str | None = None  # why `stop` was set
-        self.caller: Caller | None = None
-        self.tag = BatchTag(batch.id, self._yield_to_live)
+        self.lines = LineRunner(
+            services.state,
+            batch.id,
+            batch.endpoint,
+            services.gate,
+            self.stop,
+            self.settings.flywheel_batch_line_attempts,
+            on_retry=services.stats.line_retried,
+        )
         self.expires_at = as_utc(batch.expires_at)
 
     # The whole run
@@ -175,22 +87,46 @@ class BatchRun:
         attributes = {"flywheel.batch_id": b.id, "flywheel.batch.endpoint": b.endpoint}
         with self.s.state.tracing.span("batch.run", attributes):
             status: str | None = b.status
-            self.caller = await owner_of(self.s.state, b.owner)
+            self.lines.caller = await owner_of(self.s.state, b.owner)
             if status == "validating":
-                status = await self.validate()
+                async with self._held():
+                    status = await self.validate()
             if status == "in_progress":
                 status = await self.execute()
-            if status in ("finalizing", "cancelling", "expiring"):
-                status = await self.finalize(status)
+            # A cancel can land while an expiry is finalized: then finalize that.
+            for _ in range(3):
+                if status not in ("finalizing", "cancelling", "expiring"):
+                    break
+                async with self._held():
+                    status = await self.finalize(status)
             return status
+
+    @contextlib.asynccontextmanager
+    async def _held(self) -> AsyncIterator[None]:
+        """Keep the lease through a long step (validating or finalizing a big file)."""
+
+        async def renew() -> None:
+            lease_s = self.settings.flywheel_batch_lease_s
+            while True:
+                await asyncio.sleep(lease_s / 3)
+                with contextlib.suppress(OSError, *DB_ERRORS):
+                    await checkpoint(
+                        self.engine, self.batch.id, self.s.worker_id, lease_s, now_utc()
+                    )
+
+        task = asyncio.create_task(renew(), name=f"batch-lease-{self.batch.id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def validate(self) -> str | None:
         b, now = self.batch, now_utc()
         path = self.s.storage.path(b.input_file_id)
-        if self.caller is None:
-            return await self._fail(
-                "invalid_api_key", "The API key that created this batch is revoked or expired."
-            )
+        if self.lines.caller is None:
+            return await self._fail("invalid_api_key", REVOKED)
         if not await asyncio.to_thread(path.is_file):
             return await self._fail("file_not_found", f"Input file {b.input_file_id} is gone.")
         checked = await asyncio.to_thread(
@@ -224,7 +160,7 @@ class BatchRun:
                 "model_not_found",
                 f"The model `{model}` does not exist or you do not have access to it.",
             )
-        key = None if self.caller is None else self.caller.key
+        key = None if self.lines.caller is None else self.lines.caller.key
         if key is not None and not key.allows(model):
             return ("route_not_allowed", f"this API key may not use the route {model!r}")
         return None
@@ -375,15 +311,20 @@ class BatchRun:
             await asyncio.wait(late)
 
     async def _line(
-        self, line: BatchLine | BadLine, writer: JournalWriter, token: str, per_batch: Any
+        self,
+        line: BatchLine | BadLine,
+        writer: JournalWriter,
+        token: str,
+        per_batch: asyncio.Semaphore,
     ) -> None:
         stats = self.s.stats
         stats.lines_in_flight += 1
         try:
-            done = await self._run_line(line)
-            await writer.add(done)
-            self.tally.add(done)
-            stats.line_finished(self.batch.endpoint, ok=done.ok)
+            done = await self.lines.run(line, self._results_stand)
+            if done is not None:
+                await writer.add(done)
+                self.tally.add(done)
+                stats.line_finished(self.batch.endpoint, ok=done.ok)
         except asyncio.CancelledError:
             raise
         except Exception:  # one line's bug (or an unwritable journal) must not end the batch
@@ -394,60 +335,11 @@ class BatchRun:
             with contextlib.suppress(Exception):
                 await self.s.slots.release(token)
 
-    async def _run_line(self, line: BatchLine | BadLine) -> Done:
-        if isinstance(line, BadLine):
-            return Done(line.line, False, unrun_line(None, line.code, line.message))
-        if self.caller is None:
-            return Done(
-                line.number,
-                False,
-                unrun_line(
-                    line.custom_id,
-                    "invalid_api_key",
-                    "The API key that created this batch is revoked or expired.",
-                ),
-            )
-        handle = chat.handle if self.batch.endpoint == CHAT else embeddings.handle
-        raw = orjson.dumps(line.body)
-        headers = {"content-length": str(len(raw))}
-        tries = waits = 0
-        attributes = {
-            "flywheel.batch_id": self.batch.id,
-            "flywheel.batch.line": line.number,
-            "flywheel.batch.custom_id": line.custom_id,
-        }
-        while True:
-            rid = new_request_id(self.batch.endpoint)
-            with self.s.state.tracing.span("batch.line", attributes):
-                try:
-                    response = await handle(
-                        self.s.state,
-                        rid,
-                        _reader(raw),
-                        headers,
-                        caller=self.caller,
-                        batch=self.tag,
-                    )
-                except GatewayError as e:
-                    error = e
-                else:
-                    body = orjson.loads(bytes(response.body))
-                    return Done(line.number, True, result_line(line.custom_id, rid, 200, body))
-            limits = error.status == 429 and error.code == "rate_limit_exceeded"
-            waits, tries = (waits + 1, tries) if limits else (waits, tries + 1)
-            wait = retry_wait(error, tries, self.settings.flywheel_batch_line_attempts, waits)
-            if wait is None or self.stop.is_set():
-                result = result_line(line.custom_id, rid, error.status, error.body())
-                return Done(line.number, False, result)
-            self.s.stats.line_retried()
-            await _until(self.stop, wait)
-
-    async def _yield_to_live(self, target: Target) -> object:
-        """Before each upstream attempt: wait while live requests queue for it."""
-        waited: float = await self.s.gate.wait_clear(
-            target.route, target.deployment.name, self.stop
-        )
-        return waited
+    def _results_stand(self) -> bool:
+        """Whether a line stopped by the batch keeps the answer it had: yes when the
+        batch was cancelled or expired; no when this worker stops or lost the batch
+        (then the line is left for whoever runs the batch next)."""
+        return self.reason not in ("shutdown", "lost")
 
     # Watching: checkpoints, cancels, expiry, the lease, shutdown
 
@@ -460,7 +352,7 @@ class BatchRun:
         b, worker, lease_s = self.batch, self.s.worker_id, self.settings.flywheel_batch_lease_s
         last_ok = last_owner_check = time.monotonic()
         while not self.stop.is_set():
-            await _until(self.s.stopping, self.settings.flywheel_batch_poll_s)
+            await pause(self.s.stopping, self.settings.flywheel_batch_poll_s)
             if self.s.stopping.is_set():
                 self._halt("shutdown")
                 return
@@ -485,7 +377,7 @@ class BatchRun:
             if time.monotonic() - last_owner_check > OWNER_RECHECK_S:
                 last_owner_check = time.monotonic()
                 with contextlib.suppress(*DB_ERRORS):
-                    self.caller = await owner_of(self.s.state, b.owner)
+                    self.lines.caller = await owner_of(self.s.state, b.owner)
 
     # Finalizing
 
@@ -547,10 +439,3 @@ def _take_some(lines: Iterator[BatchLine | BadLine], n: int) -> list[BatchLine |
         if len(out) >= n:
             break
     return out
-
-
-def _reader(raw: bytes) -> Any:
-    async def read(limit: int) -> bytes:
-        return raw
-
-    return read

@@ -136,6 +136,7 @@ async def handle(
                 deadline=deadline,
                 count=exchange.count,
                 client_deadline=client_set,
+                yield_to=exchange.yield_to,
             )
         won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent
@@ -194,6 +195,7 @@ async def _stream(
                 count=exchange.count,
                 discard=discard,
                 client_deadline=client_set,
+                yield_to=exchange.yield_to,
             )
     except BaseException:
         if fill is not None:

@@ -85,6 +85,7 @@ async def handle(
                 deadline=deadline,
                 count=exchange.count,
                 client_deadline=client_set,
+                yield_to=exchange.yield_to,
             )
         won.lease.succeeded()
         exchange.upstream_s = time.perf_counter() - sent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from app.observability.tracing import mark_error, set_attributes, traceparent
 from app.ratelimit.limiter import Limiter
 from app.ratelimit.quota import Ticket
 from app.routing.config import DeploymentConfig
+from app.routing.dispatch import YieldTo
 from app.routing.router import Target
 from app.store.records import Recorder, RequestRecord
 
@@ -27,8 +27,9 @@ NO_EXPECTATIONS = Expectations()
 @dataclass(frozen=True, slots=True)
 class BatchTag:
     batch_id: str
-    # Awaited before each upstream attempt (the worker's yield to live traffic).
-    before_attempt: Callable[[Target], Awaitable[object]] | None = None
+    # Awaited before each attempt takes a deployment (the worker's yield to live
+    # traffic queued for it): (route, deployment) -> seconds waited.
+    yield_to: YieldTo | None = None
 
 
 @dataclass(slots=True)
@@ -71,6 +72,10 @@ class Exchange:
     # The batch whose line this is (a worker runs it): named in the record, and each
     # upstream attempt first waits out live traffic queued for the deployment.
     batch: BatchTag | None = None
+
+    @property
+    def yield_to(self) -> YieldTo | None:
+        return None if self.batch is None else self.batch.yield_to
 
     @property
     def wants_whole_text(self) -> bool:

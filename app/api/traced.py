@@ -16,10 +16,7 @@ def traced_attempt(
     tracing: Tracing, exchange: Exchange, attempt: Callable[[Target], Awaitable[T]]
 ) -> Callable[[Target], Awaitable[T]]:
     """`attempt` itself when tracing is off (no wrapper on the path); else each call in a
-    span whose child is the upstream HTTP request, carrying our `traceparent`. A batch's
-    line first awaits its tag's `before_attempt` (the yield to live traffic)."""
-    if exchange.batch is not None and exchange.batch.before_attempt is not None:
-        attempt = _after(exchange.batch.before_attempt, attempt)
+    span whose child is the upstream HTTP request, carrying our `traceparent`."""
     if not tracing.enabled:
         return attempt
 
@@ -36,13 +33,3 @@ def traced_attempt(
             return await attempt(target)
 
     return traced
-
-
-def _after(
-    first: Callable[[Target], Awaitable[object]], attempt: Callable[[Target], Awaitable[T]]
-) -> Callable[[Target], Awaitable[T]]:
-    async def then(target: Target) -> T:
-        await first(target)
-        return await attempt(target)
-
-    return then

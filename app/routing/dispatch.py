@@ -35,6 +35,7 @@ from app.routing.router import Deployment, Router, Target
 T = TypeVar("T")
 Attempt = Callable[[Target], Awaitable[T]]
 Discard = Callable[[T], Awaitable[None]]
+YieldTo = Callable[[str, str], Awaitable[float]]  # (route, deployment) -> seconds waited
 
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 2.0
@@ -136,6 +137,7 @@ class Dispatcher:
         count: Callable[[], None],
         discard: Discard[T] | None = None,
         client_deadline: bool = False,
+        yield_to: YieldTo | None = None,
     ) -> Won[T]:
         """The first successful attempt, trying the route and then its fallbacks.
 
@@ -143,7 +145,10 @@ class Dispatcher:
         releases the result of a hedge that lost. The winner's lease is still open:
         the caller ends it (at once for JSON, when the stream ends for streams).
         `client_deadline`: the client set the deadline, so running out of it is not the
-        upstream's fault.
+        upstream's fault. `yield_to(route, deployment)` is awaited before each attempt
+        takes a deployment's slot (a batch line waiting out live traffic): the seconds
+        it waited are added to the deadline, and the slot stays free for live requests
+        meanwhile.
         """
         last: _RouteSpent | None = None
         need_window = 0
@@ -152,7 +157,7 @@ class Dispatcher:
                 continue
             try:
                 return await self._on_route(
-                    name, attempt, deadline, count, discard, client_deadline
+                    name, attempt, deadline, count, discard, client_deadline, yield_to
                 )
             except ServiceUnavailableError as e:
                 last = _RouteSpent(e, Failure.UPSTREAM)  # no usable deployment: next route
@@ -183,6 +188,7 @@ class Dispatcher:
         count: Callable[[], None],
         discard: Discard[T] | None,
         client_deadline: bool,
+        yield_to: YieldTo | None = None,
     ) -> Won[T]:
         config = self.router.route(name)
         ordered = self.router.ordered(name)
@@ -206,6 +212,8 @@ class Dispatcher:
                 tried.clear()
                 continue
             tried.add(d.name)
+            if yield_to is not None:
+                deadline += await yield_to(name, d.name)
             lease = await self._acquire(d, ordered, deadline)
             if lease is None:
                 saturated.add(d.name)

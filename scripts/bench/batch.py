@@ -273,10 +273,37 @@ def jsonl(route: str, lines: int, tag: str) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat (idle and iowait are not busy)."""
+def machine_cpu() -> float:
+    """CPU seconds all CPUs spent busy so far (/proc/stat; idle and iowait are not busy)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_cpu() -> float:
+    """CPU seconds used so far by this process, every live process below it (gateway,
+    worker, nginx, Redis, the 200 ms upstream) and its children already waited for (wrk).
+    The machine's busy time minus this is what others on the host used meanwhile."""
+    tick = os.sysconf("SC_CLK_TCK")
+    below: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        below.setdefault(int(fields[1]), []).append(pid)
+        used[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += below.get(pid, [])
+    times = os.times()
+    return total + times.children_user + times.children_system
 
 
 # The scenario
@@ -362,6 +389,7 @@ class Rig:
     def throughput(self, concurrency: int) -> Figures:
         lines = round(concurrency / SLOW_S * TARGET_RUN_S)
         upstream0 = slow_stats(self.slow_port)["answered"]
+        retries0 = self.api.metrics().get("flywheel_batch_line_retries", 0.0)
         batch_id = self.api.create(self.files[f"tput{concurrency}"])
         ideal = concurrency / SLOW_S
         deadline = time.monotonic() + max(60.0, 6 * lines / ideal)
@@ -398,6 +426,8 @@ class Rig:
         if (counts["completed"], counts["failed"]) != (lines, 0):
             raise BenchError(f"batch: c={concurrency}: {counts}, expected {lines} completed")
         calls = slow_stats(self.slow_port)["answered"] - upstream0
+        time.sleep(1.1)  # the worker flushes its counters every second
+        retries = self.api.metrics().get("flywheel_batch_line_retries", 0.0) - retries0
         seconds = t_done - t_in
         stamped = max(1, batch["completed_at"] - batch["in_progress_at"])
         key = f"batch.tput.c{concurrency}"
@@ -411,6 +441,7 @@ class Rig:
             f"{key}.worker_cpu_ms_per_line": 1000 * (cpu_done - cpu_in) / lines,
             f"{key}.upstream_calls": calls,
             f"{key}.upstream_peak_in_flight": peak,
+            f"{key}.retries": retries,
         }
         if (mid := _mid_rate(samples, lines)) is not None:
             fig[f"{key}.mid_lines_per_s"] = mid
@@ -418,7 +449,8 @@ class Rig:
             f"  batch  c={concurrency:<3} {lines:>5} lines in {seconds:6.2f} s  "
             f"{lines / seconds:7.1f} lines/s (ideal {ideal:.0f}, mid-run "
             f"{fig.get(f'{key}.mid_lines_per_s', 0):.1f})  upstream calls {calls}, peak in "
-            f"flight {peak}  worker cpu {fig[f'{key}.worker_cpu_ms_per_line']:.2f} ms/line"
+            f"flight {peak}, retries {retries:.0f}  worker cpu "
+            f"{fig[f'{key}.worker_cpu_ms_per_line']:.2f} ms/line"
         )
         return fig
 
@@ -456,8 +488,12 @@ class Rig:
             1000 * (after["gateway_cpu"] - before["gateway_cpu"]) / max(1, res.requests)
         )
         fig[f"{key}.worker_cpu_pct"] = 100 * (after["worker_cpu"] - before["worker_cpu"]) / elapsed
-        busy, total = (after["machine"][i] - before["machine"][i] for i in (0, 1))
-        fig[f"{key}.machine_busy_pct"] = 100 * busy / max(1, total)
+        busy = after["machine"] - before["machine"]
+        fig[f"{key}.machine_busy_pct"] = 100 * busy / elapsed / (os.cpu_count() or 1)
+        # Others on the host (tests, builds): the noise, in % of one CPU.
+        fig[f"{key}.others_cpu_pct"] = max(
+            0.0, 100 * (busy - after["ours"] + before["ours"]) / elapsed
+        )
         fig[f"{key}.records_lag_s"] = after["lag_s"]
         if batch_id is not None:
             lines = after["completed"] - before["completed"]
@@ -477,7 +513,8 @@ class Rig:
         self.progress(
             f"  batch  live c={LIVE_CONNECTIONS} {side:<6} {res.rps:7.0f} req/s  "
             f"p50 {res.p50_ms:6.2f}  p90 {res.p90_ms:6.2f}  p99 {res.p99_ms:6.2f} ms  "
-            f"errors {res.errors}  machine busy {fig[f'{key}.machine_busy_pct']:.0f}%  "
+            f"errors {res.errors}  machine busy {fig[f'{key}.machine_busy_pct']:.0f}% (others "
+            f"{fig[f'{key}.others_cpu_pct']:.0f}% of a CPU)  "
             f"worker {fig[f'{key}.worker_cpu_pct']:.0f}% of a CPU"
             + (
                 f"  batch {fig[f'{key}.batch_lines_per_s']:.0f} lines/s, "
@@ -506,6 +543,7 @@ class Rig:
             gateway_cpu=self.gateway.cpu_seconds(),
             worker_cpu=self.worker_cpu(),
             machine=machine_cpu(),
+            ours=bench_cpu(),
         )
         return snap
 
@@ -643,7 +681,7 @@ def render(result: dict[str, Any]) -> str:
         f"{meta['upstream_latency_s'] * 1000:.0f} ms ({of})",
         f"{'conc':>5} | {'lines':>5} | {'seconds':>7} | {'lines/s':>7} | {'ideal':>5} | "
         f"{'% ideal':>7} | {'mid-run/s':>9} | {'stamps/s':>8} | {'worker cpu/line':>15} | "
-        f"{'upstream peak':>13}",
+        f"{'upstream peak':>13} | {'retries':>7}",
     ]
     for c in meta["concurrency"]:
         k = f"batch.tput.c{c}"
@@ -655,7 +693,8 @@ def render(result: dict[str, Any]) -> str:
             f"{_n(med, k + '.mid_lines_per_s', '{:.1f}'):>9} | "
             f"{_n(med, k + '.stamps_lines_per_s', '{:.1f}'):>8} | "
             f"{_n(med, k + '.worker_cpu_ms_per_line', '{:.2f} ms'):>15} | "
-            f"{_n(med, k + '.upstream_peak_in_flight', '{:.0f}'):>13}"
+            f"{_n(med, k + '.upstream_peak_in_flight', '{:.0f}'):>13} | "
+            f"{_n(med, k + '.retries', '{:.0f}'):>7}"
         )
     if len(runs) > 1:
         for c in meta["concurrency"]:
@@ -664,14 +703,15 @@ def render(result: dict[str, Any]) -> str:
     lines += [
         "seconds: first poll (every 50 ms) seeing in_progress -> first seeing finalizing;",
         "mid-run: from 1/4 to 3/4 of the lines done; stamps: the API's whole-second",
-        "in_progress_at/completed_at; every line completed with exactly one upstream call.",
+        "in_progress_at/completed_at; upstream peak: most lines in flight at the upstream;",
+        "retries: line attempts the worker retried. Every line completed, one upstream call each.",
         "",
         f"Live JSON through the gateway to nginx (wrk c={meta['live_connections']}, "
         f"{meta['live_seconds']:g} s) while a batch runs (c={meta['live_batch_concurrency']}) "
         f"— ms ({of})",
         f"{'side':<26} | {'req/s':>7} {'p50':>6} {'p90':>6} {'p99':>7} {'err':>4} | "
         f"{'p99 x':>5} {'p50 x':>5} | {'gw cpu/req':>10} | {'worker':>6} | {'busy':>4} | "
-        f"{'batch/s':>7} | {'yields':>6}",
+        f"{'others':>6} | {'batch/s':>7} | {'yields':>6}",
     ]
     for side, title in SIDES:
         k = f"batch.live.{side}"
@@ -683,6 +723,7 @@ def render(result: dict[str, Any]) -> str:
             f"{_n(med, k + '.gateway_cpu_ms_per_req', '{:.3f}'):>10} | "
             f"{_n(med, k + '.worker_cpu_pct', '{:.0f}%'):>6} | "
             f"{_n(med, k + '.machine_busy_pct', '{:.0f}%'):>4} | "
+            f"{_n(med, k + '.others_cpu_pct', '{:.0f}%'):>6} | "
             f"{_n(med, k + '.batch_lines_per_s', '{:.0f}'):>7} | "
             f"{_n(med, k + '.yields', '{:.0f}'):>6}"
         )
@@ -690,13 +731,17 @@ def render(result: dict[str, Any]) -> str:
         for side, _ in SIDES:
             k = f"batch.live.{side}"
             each = ", ".join(
-                f"{_n(r, k + '.p99_ms')} ({_n(r, k + '.rps', '{:.0f}')}/s)" for r in runs
+                f"{_n(r, k + '.p99_ms')} ({_n(r, k + '.rps', '{:.0f}')}/s, "
+                f"{_n(r, k + '.others_cpu_pct', '{:.0f}%')})"
+                for r in runs
             )
-            lines.append(f"  {side:<5} p99 ms (req/s) per run: {each}")
+            lines.append(f"  {side:<5} p99 ms (req/s, others) per run: {each}")
     lines += [
         "p99 x / p50 x: the run's p99 (p50) over the same run's alone p99 (p50), median of runs;",
-        "worker: its CPU as a share of one CPU during the load; busy: all CPUs; batch/s: its",
-        "lines done during the load; yields: lines that waited for queued live requests.",
+        "worker: its CPU as a share of one CPU during the load; busy: all CPUs; others: CPU the",
+        "bench's processes did not use (other work on the host: noise), in % of one CPU;",
+        "batch/s: the batch's lines done during the load; yields: lines that waited for queued",
+        "live requests.",
     ]
     if "cpu_steal_pct" in meta:
         lines.append(

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -45,6 +46,9 @@ class BatchLoop:
         self.s = services
         self.settings = services.settings
         self.running: dict[str, asyncio.Task[str | None]] = {}
+        # Batches this worker let go unfinished (a line it could not write, a bug):
+        # not taken again before then, so a failure that repeats does not spin.
+        self.resting: dict[str, float] = {}
         self._down: str | None = None
 
     async def run(self) -> None:
@@ -65,13 +69,15 @@ class BatchLoop:
 
     async def tick(self) -> None:
         """Claim batches while this worker has room for more."""
+        now = time.monotonic()
+        self.resting = {b: until for b, until in self.resting.items() if until > now}
         while len(self.running) < self.settings.flywheel_batch_max_active:
             batch = await claim_next(
                 self.s.state.engine,
                 self.s.worker_id,
                 self.settings.flywheel_batch_lease_s,
                 now_utc(),
-                skip=list(self.running),
+                skip=[*self.running, *self.resting],
             )
             if batch is None:
                 return
@@ -84,8 +90,12 @@ class BatchLoop:
     def _ended(self, batch_id: str, task: asyncio.Task[str | None]) -> None:
         self.running.pop(batch_id, None)
         self.s.stats.batches_active = len(self.running)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or self.s.stopping.is_set():
+            return
+        if task.exception() is not None:
             log.error("batch %s stopped on an error", batch_id, exc_info=task.exception())
+        if task.exception() is not None or task.result() is None:
+            self.resting[batch_id] = time.monotonic() + self.settings.flywheel_batch_lease_s
 
     async def stop(self) -> None:
         self.s.stopping.set()
