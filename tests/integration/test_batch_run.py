@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,7 +31,7 @@ from app.auth.keys import KeyCreate, KeyStore
 from app.config import Settings
 from app.files.storage import FileStorage, new_file_id
 from app.observability.batch_metrics import BatchSnapshot, BatchStats, read_batch_stats
-from app.observability.tracing import Tracing
+from app.observability.tracing import Tracing, make_tracing
 from app.routing.config import RoutesFile
 from app.routing.live_queue import LiveQueueGate, live_queue_key
 from app.runtime import open_state
@@ -78,10 +79,10 @@ def worker_routes(base: str, flaky_model: str) -> RoutesFile:
 
 @contextlib.asynccontextmanager
 async def worker_services(
-    settings: Settings, routes: RoutesFile, worker_id: str
+    settings: Settings, routes: RoutesFile, worker_id: str, tracing: Tracing | None = None
 ) -> AsyncIterator[BatchServices]:
     """What `workers.tasks.batches.on_startup` builds (without its loop and helpers)."""
-    tracing = Tracing("flywheel-test-worker", None)
+    tracing = tracing or Tracing("flywheel-test-worker", None)
     async with open_state(
         settings,
         routes,
@@ -765,3 +766,38 @@ async def test_a_stopping_worker_leaves_waiting_lines_to_its_successor(rig: Rig)
     assert all(rig.sent(rig.text(i)) == 0 for i in range(2))
     # Nothing is final yet: the successor must run both lines.
     assert rig.journal(b.id).load() == {}
+
+
+# 10. Traces
+
+
+async def test_a_batch_run_is_a_span_with_a_child_span_per_line(rig: Rig) -> None:
+    exporter = InMemorySpanExporter()
+    tracing = make_tracing("flywheel-test-worker", None, exporter)
+    worker = f"traced-{uuid.uuid4().hex[:6]}"
+    lines = [chat_line(f"t{i}", "ok", rig.text(i)) for i in range(3)]
+    b = await rig.batch(lines)
+    async with worker_services(rig.settings, rig.services.state.routes, worker, tracing) as s:
+        claimed = await claim_mine(rig.engine, worker, b.id, 10, now_utc())
+        assert claimed is not None
+        assert await BatchRun(s, claimed).run() == "completed"
+    assert tracing.provider is not None
+    assert tracing.provider.force_flush(5000)
+    spans = exporter.get_finished_spans()
+    [run] = [x for x in spans if x.name == "batch.run"]
+    assert run.attributes is not None
+    assert run.attributes["flywheel.batch_id"] == b.id
+    assert run.context is not None
+    line_spans = [x for x in spans if x.name == "batch.line"]
+    assert len(line_spans) == 3
+    assert {x.parent.span_id for x in line_spans if x.parent} == {run.context.span_id}
+    assert sorted(str((x.attributes or {})["flywheel.batch.custom_id"]) for x in line_spans) == [
+        "t0",
+        "t1",
+        "t2",
+    ]
+    line_ids = {x.context.span_id for x in line_spans if x.context}
+    routed = [x for x in spans if x.name == "route" and x.parent]
+    assert len(routed) == 3
+    assert all(x.parent.span_id in line_ids for x in routed if x.parent)
+    tracing.shutdown()
