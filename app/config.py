@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     flywheel_batch_lease_s: float = Field(default=30.0, gt=0)
     # How often a worker looks for batches to run, and a running batch for a cancel.
     flywheel_batch_poll_s: float = Field(default=1.0, gt=0)
+    # The worker's CPU priority below the gateways' (a `nice` increment): where both
+    # share a host, its background work (batches, consolidation, the cycle) gives way
+    # to live requests when the CPU is busy. 0 keeps it equal.
+    flywheel_worker_nice: int = Field(default=10, ge=0, le=19)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

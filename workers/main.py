@@ -7,6 +7,8 @@ lives as long as the worker (the consolidator); this module only gathers them.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, ClassVar
 
 from arq.connections import RedisSettings
@@ -26,6 +28,7 @@ from workers.tasks import (
 )
 
 _settings = Settings()
+log = logging.getLogger("flywheel.worker")
 TASK_MODULES: tuple[Any, ...] = (
     heartbeat,
     consolidate,
@@ -42,11 +45,22 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     # arq's command line set up a handler of its own; the worker's lines get the
     # gateway's format (JSON outside dev), request ids and masking.
     configure_logging(_settings.flywheel_log_level, json=_settings.flywheel_env != "dev")
+    lower_priority(_settings.flywheel_worker_nice)
     await startup(ctx)
     for module in TASK_MODULES:
         hook = getattr(module, "on_startup", None)
         if hook is not None:
             await hook(ctx)
+
+
+def lower_priority(increment: int) -> None:
+    """Background work below live traffic on a shared CPU (never raised: only lowered,
+    which needs no privilege)."""
+    if increment > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(increment)
+        except OSError as e:
+            log.warning("worker priority not lowered: %s", e)
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:

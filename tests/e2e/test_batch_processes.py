@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import psutil
 import pytest
 from redis import Redis
 
@@ -212,6 +213,8 @@ def test_sdk_uploads_runs_and_downloads_a_thousand_line_batch(rig: Rig) -> None:
     listed = client.files.list(purpose="batch_output")
     assert done.output_file_id in {f.id for f in listed.data}
 
+    # The worker runs below the gateway's CPU priority (FLYWHEEL_WORKER_NICE, 10).
+    assert psutil.Process(rig.worker.pid).nice() >= 10
     metrics = httpx.get(rig.url + "/metrics", timeout=10).text
     assert 'flywheel_batch_lines_total{endpoint="/v1/chat/completions",outcome="completed"}' in (
         metrics
