@@ -12,14 +12,16 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.observability.tracing import Tracing, make_tracing
-from app.store.db import make_engine
+from app.store.db import DB_ERRORS, make_engine
 
 CTX_KEY = "flywheel"
 log = logging.getLogger("flywheel.worker")
@@ -69,3 +71,34 @@ async def finish(task: asyncio.Task[None], wait_s: float, what: str) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# What a background loop rides out (logged once, and when it ends) rather than stops on.
+OUTAGES = (RedisError, OSError, TimeoutError, *DB_ERRORS)
+
+
+async def tick_until(
+    stop: asyncio.Event,
+    interval_s: float,
+    tick: Callable[[], Awaitable[object]],
+    what: str,
+    logger: logging.Logger,
+) -> None:
+    """`tick()` every `interval_s` until `stop` is set. A Redis or database outage pauses
+    the loop (one warning, then one line when it is over); a bug in one tick is logged;
+    neither ends the loop, nor the worker."""
+    down: str | None = None
+    while not stop.is_set():
+        try:
+            await tick()
+            if down is not None:
+                logger.info("%s resumed after %s", what, down)
+                down = None
+        except OUTAGES as e:
+            if down is None:
+                logger.warning("%s paused: %s", what, type(e).__name__)
+            down = type(e).__name__
+        except Exception:  # a bug in one pass must not end the loop for good
+            logger.exception("%s: a pass failed", what)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

@@ -9,15 +9,14 @@ state a cancel can stop, whatever a worker did in between.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.store.metrics_history import as_utc
+from app.store.owned import detached, page
 from app.store.schema import Batch
 
 # OpenAI accepts only "24h"; a batch not done by then expires (what is done is kept).
@@ -29,11 +28,6 @@ UNCANCELLABLE = ("finalizing", "completed", "failed", "expired")
 
 def new_batch_id() -> str:
     return "batch_" + uuid.uuid4().hex[:24]
-
-
-def _session(engine: AsyncEngine) -> AsyncSession:
-    # Rows are handed out detached, as plain values: nothing lazy-loads later.
-    return AsyncSession(engine, expire_on_commit=False)
 
 
 def _unix(ts: datetime | None) -> int | None:
@@ -135,47 +129,30 @@ async def create_batch(
         created_at=now,
         expires_at=now + WINDOWS.get(completion_window, WINDOWS["24h"]),
     )
-    async with _session(engine) as session, session.begin():
+    async with detached(engine) as session, session.begin():
         session.add(row)
     return row
 
 
 async def get_batch(engine: AsyncEngine, batch_id: str) -> Batch | None:
-    async with _session(engine) as session:
+    async with detached(engine) as session:
         return await session.get(Batch, batch_id)
-
-
-def _owned(owner: str | None) -> ColumnElement[bool]:
-    return Batch.owner.is_(None) if owner is None else Batch.owner == owner
 
 
 async def list_batches(
     engine: AsyncEngine, *, owner: str | None, everyone: bool, after: str | None, limit: int
 ) -> tuple[list[Batch], bool]:
-    """A page of batches, newest first, and whether more follow. `after` is the last id
-    of the previous page; one the caller cannot see (or unknown) gives an empty page."""
-    query = select(Batch)
-    if not everyone:
-        query = query.where(_owned(owner))
-    if after is not None:
-        cursor = select(Batch.created_at).where(Batch.id == after)
-        if not everyone:
-            cursor = cursor.where(_owned(owner))
-        at = cursor.scalar_subquery()
-        query = query.where(
-            or_(Batch.created_at < at, and_(Batch.created_at == at, Batch.id < after))
-        )
-    query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
-    async with _session(engine) as session:
-        rows: Sequence[Batch] = (await session.scalars(query)).all()
-    return list(rows[:limit]), len(rows) > limit
+    """A page of batches, newest first, and whether more follow (`app.store.owned`)."""
+    return await page(
+        engine, select(Batch), Batch, owner=owner, everyone=everyone, after=after, limit=limit
+    )
 
 
 async def cancel_batch(engine: AsyncEngine, batch_id: str, now: datetime) -> Batch | None:
     """Ask a batch to stop: `validating`/`in_progress` become `cancelling` (the worker
     finishes the job, to `cancelled`); any other state is left as it is. The row as it
     is afterwards, or None if there is none."""
-    async with _session(engine) as session, session.begin():
+    async with detached(engine) as session, session.begin():
         # One conditional UPDATE: on PostgreSQL a concurrent worker update makes it
         # re-check the status on the new row version; SQLite serialises writers.
         await session.execute(

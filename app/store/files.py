@@ -9,15 +9,15 @@ here and refused by the API until the pruner (`app.files.prune`) removes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import and_, delete, exists, or_, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import delete, exists, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.store.metrics_history import as_utc
+from app.store.owned import detached, page
 from app.store.schema import Batch, StoredFile
 
 # A batch in one of these states still reads its input file: the file cannot go.
@@ -26,11 +26,6 @@ BUSY = ("validating", "in_progress", "finalizing", "cancelling")
 
 class FileInUse(Exception):
     """The file is the input of a batch that is still running."""
-
-
-def _session(engine: AsyncEngine) -> AsyncSession:
-    # Rows are handed out detached, as plain values: nothing lazy-loads later.
-    return AsyncSession(engine, expire_on_commit=False)
 
 
 def _unix(ts: datetime | None) -> int | None:
@@ -79,23 +74,19 @@ async def add_file(
         created_at=created_at or datetime.now(UTC),
         expires_at=expires_at,
     )
-    async with _session(engine) as session, session.begin():
+    async with detached(engine) as session, session.begin():
         session.add(row)
     return row
 
 
 async def get_file(engine: AsyncEngine, file_id: str) -> StoredFile | None:
     """The row of `file_id`, expired or not, whoever owns it."""
-    async with _session(engine) as session:
+    async with detached(engine) as session:
         return await session.get(StoredFile, file_id)
 
 
 def _busy(file_id: Any) -> ColumnElement[bool]:
     return exists().where(Batch.input_file_id == file_id, Batch.status.in_(BUSY))
-
-
-def _owned(owner: str | None) -> ColumnElement[bool]:
-    return StoredFile.owner.is_(None) if owner is None else StoredFile.owner == owner
 
 
 async def list_files(
@@ -114,33 +105,18 @@ async def list_files(
     unknown) gives an empty page."""
     f = StoredFile
     query = select(f).where(or_(f.expires_at.is_(None), f.expires_at > now))
-    if not everyone:
-        query = query.where(_owned(owner))
     if purpose is not None:
         query = query.where(f.purpose == purpose)
-    if after is not None:
-        cursor = select(f.created_at).where(f.id == after)
-        if not everyone:
-            cursor = cursor.where(_owned(owner))
-        at = cursor.scalar_subquery()
-        if order == "desc":
-            query = query.where(or_(f.created_at < at, and_(f.created_at == at, f.id < after)))
-        else:
-            query = query.where(or_(f.created_at > at, and_(f.created_at == at, f.id > after)))
-    if order == "desc":
-        query = query.order_by(f.created_at.desc(), f.id.desc())
-    else:
-        query = query.order_by(f.created_at.asc(), f.id.asc())
-    async with _session(engine) as session:
-        rows: Sequence[StoredFile] = (await session.scalars(query.limit(limit + 1))).all()
-    return list(rows[:limit]), len(rows) > limit
+    return await page(
+        engine, query, f, owner=owner, everyone=everyone, after=after, limit=limit, order=order
+    )
 
 
 async def delete_file(engine: AsyncEngine, file_id: str) -> bool:
     """Delete the row of `file_id` unless a running batch reads it (`FileInUse`, the
     row is kept); False if there was none. One statement, so a batch that starts
     meanwhile is seen (PostgreSQL re-checks on conflict; SQLite serialises writers)."""
-    async with _session(engine) as session, session.begin():
+    async with detached(engine) as session, session.begin():
         result = await session.execute(
             delete(StoredFile)
             .where(StoredFile.id == file_id, ~_busy(file_id))
@@ -163,5 +139,5 @@ async def expired_files(engine: AsyncEngine, now: datetime, limit: int) -> list[
         .order_by(f.expires_at.asc(), f.id.asc())
         .limit(limit)
     )
-    async with _session(engine) as session:
+    async with detached(engine) as session:
         return list((await session.scalars(query)).all())

@@ -279,6 +279,17 @@ def machine_cpu() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_nice(pid: int) -> tuple[int, int] | None:
+    """The lowest and highest nice value among a process's threads (Linux applies nice
+    per thread; the worker lowers its own priority at start-up: FLYWHEEL_WORKER_NICE)."""
+    values = []
+    for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = task.read_text()
+            values.append(int(stat[stat.rindex(")") + 2 :].split()[16]))
+    return (min(values), max(values)) if values else None
+
+
 def bench_cpu() -> float:
     """CPU seconds used so far by this process, every live process below it (gateway,
     worker, nginx, Redis, the 200 ms upstream) and its children already waited for (wrk).
@@ -322,6 +333,7 @@ class Rig:
     files: dict[str, str] = field(default_factory=dict)
     worker: Any = None  # the running worker (Popen), if any
     worker_log: Path | None = None
+    worker_nice: tuple[int, int] | None = None  # lowest and highest of its threads'
 
     # Workers
 
@@ -335,9 +347,10 @@ class Rig:
         started = time.perf_counter()
         batch_id = self.api.create(self.files["warmup"])
         self.wait(batch_id, {"completed"}, 90.0)
+        self.worker_nice = thread_nice(self.worker.pid)
         self.progress(
             f"  batch  worker c={concurrency} up, warm-up batch done in "
-            f"{time.perf_counter() - started:.1f} s"
+            f"{time.perf_counter() - started:.1f} s; nice {self.worker_nice}"
         )
 
     def stop_worker(self) -> None:
@@ -649,6 +662,7 @@ def run_batch(
             "live_seconds": live_s,
             "live_batch_concurrency": LIVE_BATCH_CONCURRENCY,
             "repeat": repeat,
+            "worker_nice": list(rig.worker_nice or ()),
         },
     }
 

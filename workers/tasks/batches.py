@@ -19,8 +19,6 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from app.files.storage import FileStorage
 from app.observability.batch_metrics import BatchStats
 from app.routing.config import load_routes
@@ -28,14 +26,12 @@ from app.routing.live_queue import LiveQueueGate
 from app.runtime import open_state
 from app.store.batch_runs import claim_next
 from app.store.batch_slots import GlobalSlots
-from app.store.db import DB_ERRORS
 from workers.batch_run import SHUTDOWN_WAIT_S, BatchRun, BatchServices, now_utc
-from workers.context import finish, get_context
+from workers.context import OUTAGES, finish, get_context, tick_until
 from workers.llm_calls import redactors_for
 
 log = logging.getLogger("flywheel.batches")
 TASK_KEY = "batches"
-OUTAGES = (RedisError, OSError, TimeoutError, *DB_ERRORS)
 # A line holds a global slot at most this long before the slot frees itself (a crashed
 # worker's slots come back after it).
 SLOT_HOLD_S = 600.0
@@ -49,23 +45,10 @@ class BatchLoop:
         # Batches this worker let go unfinished (a line it could not write, a bug):
         # not taken again before then, so a failure that repeats does not spin.
         self.resting: dict[str, float] = {}
-        self._down: str | None = None
 
     async def run(self) -> None:
-        while not self.s.stopping.is_set():
-            try:
-                await self.tick()
-                if self._down is not None:
-                    log.info("batch loop resumed after %s", self._down)
-                    self._down = None
-            except OUTAGES as e:
-                if self._down is None:
-                    log.warning("batch loop paused: %s", type(e).__name__)
-                self._down = type(e).__name__
-            except Exception:  # a bug in one pass must not end the loop for good
-                log.exception("batch loop pass failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.s.stopping.wait(), self.settings.flywheel_batch_poll_s)
+        poll_s = self.settings.flywheel_batch_poll_s
+        await tick_until(self.s.stopping, poll_s, self.tick, "batch loop", log)
 
     async def tick(self) -> None:
         """Claim batches while this worker has room for more."""

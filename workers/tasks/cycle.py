@@ -20,12 +20,9 @@ import time
 import uuid
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from app.routing.config import load_routes
 from app.store.cycle_lock import claim, due, holder, release
-from app.store.db import DB_ERRORS
-from workers.context import finish, get_context
+from workers.context import OUTAGES, finish, get_context, tick_until
 from workers.cycle_run import CycleRunner
 from workers.llm_calls import LLMCalls
 from workers.tasks import alerts
@@ -36,7 +33,6 @@ TASK_KEY = "cycle"
 LLM_KEY = "cycle_llm"  # the judge's and the optimizer's caller, when either is configured
 TICK_S = 5.0  # how often a worker looks whether a scheduled run is due
 STOP_WAIT_S = 30.0
-OUTAGES = (RedisError, OSError, TimeoutError, *DB_ERRORS)
 
 
 def _runner(ctx: dict[str, Any]) -> CycleRunner:
@@ -73,26 +69,12 @@ class Schedule:
         self.ctx = ctx
         self.settings = get_context(ctx).settings
         self._stop = asyncio.Event()
-        self._down: str | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.tick()
-                if self._down is not None:
-                    log.info("cycle schedule resumed after %s", self._down)
-                    self._down = None
-            except OUTAGES as e:
-                if self._down is None:
-                    log.warning("cycle schedule paused: %s", type(e).__name__)
-                self._down = type(e).__name__
-            except Exception:  # a bug in one run must not end the schedule for good
-                log.exception("scheduled cycle run failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), TICK_S)
+        await tick_until(self._stop, TICK_S, self.tick, "cycle schedule", log)
 
     async def tick(self) -> dict[str, Any] | None:
         redis, prefix = self.ctx["redis"], self.settings.flywheel_redis_prefix
