@@ -50,6 +50,13 @@ class ConcurrencyLimiter:
         """Requests waiting for a slot now (batch work yields to them, see live_queue)."""
         return len(self._waiters)
 
+    def start_at(self, level: float) -> None:
+        """Begin at `level` at least (within the policy's maximum) instead of ramping up
+        from the initial limit: for a caller that knows its own bound (a worker's batch
+        lines); the limit still adapts down from there on the upstream's answers."""
+        if self.policy.adaptive:
+            self.limit = min(max(self.limit, level), self.policy.maximum)
+
     def _has_room(self) -> bool:
         return self.in_flight < self.limit and self._clock() >= self.paused_until
 

@@ -194,3 +194,16 @@ def test_least_latency_recovers_from_one_slow_first_sample() -> None:
     a.stats.observe(0.002)
     firsts = [router.ordered("r")[0].name for _ in range(200)]
     assert firsts.count("a") > 150
+
+
+def test_a_limiter_can_start_higher_but_never_past_its_maximum() -> None:
+    limiter = ConcurrencyLimiter(LimiterPolicy(initial=16, maximum=48))
+    limiter.start_at(32)
+    assert limiter.limit == 32
+    limiter.start_at(8)  # never lowered by a smaller start
+    assert limiter.limit == 32
+    limiter.start_at(64)
+    assert limiter.limit == 48
+    fixed = ConcurrencyLimiter(LimiterPolicy(adaptive=False))
+    fixed.start_at(8)
+    assert fixed.limit == float("inf")
