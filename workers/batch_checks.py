@@ -15,13 +15,21 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from app.files.batch_lines import BadLine, BatchLine, parse_line
+from app.files.batch_lines import (
+    CHAT_ENDPOINT,
+    EMBEDDINGS_ENDPOINT,
+    BadLine,
+    BatchLine,
+    parse_line,
+)
 from app.schemas.chat import CHAT_REQUEST
 from app.schemas.embeddings import EMBEDDING_REQUEST
 
 MAX_ERRORS = 100  # reported; the first ones say what is wrong well enough
-CHAT = "/v1/chat/completions"
-SCHEMAS: dict[str, TypeAdapter[Any]] = {CHAT: CHAT_REQUEST, "/v1/embeddings": EMBEDDING_REQUEST}
+SCHEMAS: dict[str, TypeAdapter[Any]] = {
+    CHAT_ENDPOINT: CHAT_REQUEST,
+    EMBEDDINGS_ENDPOINT: EMBEDDING_REQUEST,
+}
 
 
 @dataclass(slots=True)

@@ -33,11 +33,10 @@ from app.api.exchange import BatchTag
 from app.api.middleware import new_request_id
 from app.auth.resolver import KeyInfo
 from app.errors import GatewayError, UpstreamError
-from app.files.batch_lines import BadLine, BatchLine
+from app.files.batch_lines import CHAT_ENDPOINT, BadLine, BatchLine
 from app.routing.live_queue import LiveQueueGate
 from app.state import AppState
 from app.store.schema import ApiKey
-from workers.batch_checks import CHAT
 from workers.batch_files import result_line, unrun_line
 from workers.batch_journal import Done
 
@@ -85,7 +84,7 @@ async def owner_of(state: AppState, owner: str | None) -> Caller | None:
     info = KeyInfo.of(row)
     if not info.usable(time.time()):
         return None
-    return Caller(f"key:{info.id}", key=info)
+    return Caller.of_key(info)
 
 
 async def pause(stop: asyncio.Event, seconds: float) -> None:
@@ -121,7 +120,7 @@ class LineRunner:
             return Done(line.line, False, unrun_line(None, line.code, line.message))
         if self.caller is None:
             return Done(line.number, False, unrun_line(line.custom_id, "invalid_api_key", REVOKED))
-        handle = chat.handle if self.endpoint == CHAT else embeddings.handle
+        handle = chat.handle if self.endpoint == CHAT_ENDPOINT else embeddings.handle
         raw = orjson.dumps(line.body)
         headers = {"content-length": str(len(raw))}
         attributes = {

@@ -78,6 +78,9 @@ class BatchRun:
             on_retry=services.stats.line_retried,
         )
         self.expires_at = as_utc(batch.expires_at)
+        # Every finished line (the journal as loaded, plus what this run added): what
+        # finalizing writes, without reading the journal again after executing.
+        self.done: dict[int, Done] | None = None
 
     # The whole run
 
@@ -197,7 +200,8 @@ class BatchRun:
     async def execute(self) -> str | None:
         b = self.batch
         journal = Journal(self.settings.files_dir, b.id, self.s.worker_id)
-        done = await asyncio.to_thread(journal.load)
+        self.done = done = await asyncio.to_thread(journal.load)
+        resumed = len(done)
         for item in done.values():
             self.tally.add(item)
         writer = JournalWriter(journal)
@@ -224,7 +228,7 @@ class BatchRun:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
             await writer.close()
-        return await self._after_execution(len(done))
+        return await self._after_execution(resumed)
 
     async def _after_execution(self, resumed: int) -> str | None:
         b, worker = self.batch, self.s.worker_id
@@ -324,6 +328,8 @@ class BatchRun:
             if done is not None:
                 await writer.add(done)
                 self.tally.add(done)
+                if self.done is not None:
+                    self.done.setdefault(done.number, done)
                 stats.line_finished(self.batch.endpoint, ok=done.ok)
         except asyncio.CancelledError:
             raise
@@ -400,7 +406,7 @@ class BatchRun:
             ),
         }[status]
         journal = Journal(self.settings.files_dir, b.id, self.s.worker_id)
-        done = await asyncio.to_thread(journal.load)
+        done = self.done if self.done is not None else await asyncio.to_thread(journal.load)
         tally = Tally()
         for item in done.values():
             tally.add(item)

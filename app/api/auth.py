@@ -20,6 +20,12 @@ class Caller:
     key: KeyInfo | None = None  # None: the master key or an anonymous caller
     master: bool = False
 
+    @classmethod
+    def of_key(cls, info: KeyInfo) -> Caller:
+        # The key's id, not a hash of what was presented: records and cache keys name
+        # the key without holding anything derived from its secret.
+        return cls(f"key:{info.id}", key=info)
+
     @property
     def owner(self) -> str | None:
         """Who owns what this caller creates (files, batches): its key's id; None for
@@ -86,6 +92,4 @@ async def authenticate(state: AppState, headers: Mapping[str, str]) -> Caller:
         return Caller(tenant_of(header))
     if not info.usable(time.time()):
         raise _invalid()  # revoked or expired: refused even where keys are optional
-    # The key's id, not a hash of what was presented: records and cache keys name the
-    # key without holding anything derived from its secret.
-    return Caller(f"key:{info.id}", key=info)
+    return Caller.of_key(info)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from app.api.auth import Caller
 from app.api.body import read_json_object, request_body, validate
 from app.api.cycle import read_db
+from app.api.files import visible_file
 from app.deps import CallerDep, StateDep
 from app.errors import InvalidRequestError, NotFoundError
 from app.state import AppState
@@ -30,8 +31,6 @@ from app.store.batches import (
     get_batch,
     list_batches,
 )
-from app.store.files import get_file
-from app.store.metrics_history import as_utc
 from app.store.schema import Batch
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -96,15 +95,10 @@ async def _visible(state: AppState, caller: Caller, batch_id: str) -> Batch:
     return row
 
 
-async def _input_lines(state: AppState, caller: Caller, file_id: str, now: datetime) -> int:
+async def _input_lines(state: AppState, caller: Caller, file_id: str) -> int:
     """The number of requests in the batch's input file, once it is found usable."""
-    file = await read_db("files", lambda: get_file(state.engine, file_id))
     # Another key's file, and an expired one, are not found: as the Files API says.
-    expired = file is not None and file.expires_at is not None and as_utc(file.expires_at) <= now
-    if file is None or expired or not caller.owns(file.owner):
-        raise NotFoundError(
-            f"No file found with id '{file_id}'.", param="input_file_id", code="file_not_found"
-        )
+    file = await visible_file(state, caller, file_id, param="input_file_id")
 
     def bad(message: str, code: str) -> InvalidRequestError:
         return InvalidRequestError(message, param="input_file_id", code=code)
@@ -134,7 +128,7 @@ async def batch_create(request: Request, state: StateDep, caller: CallerDep) -> 
     body = await read_json_object(request_body(request), length, MAX_BODY)
     spec = validate(BATCH_CREATE, body)
     now = datetime.now(UTC)
-    total = await _input_lines(state, caller, spec.input_file_id, now)
+    total = await _input_lines(state, caller, spec.input_file_id)
     expires = spec.output_expires_after
     row = await read_db(
         "batches",

@@ -83,8 +83,8 @@ UPLOAD_FORM = {
 FileId = Annotated[str, Path(max_length=64)]
 
 
-def _not_found(file_id: str) -> NotFoundError:
-    return NotFoundError(f"No such File object: {file_id}", param="id", code="file_not_found")
+def _not_found(file_id: str, param: str = "id") -> NotFoundError:
+    return NotFoundError(f"No such File object: {file_id}", param=param, code="file_not_found")
 
 
 def _storage_down(e: OSError) -> ServiceUnavailableError:
@@ -94,13 +94,15 @@ def _storage_down(e: OSError) -> ServiceUnavailableError:
     )
 
 
-async def _visible(state: AppState, caller: Caller, file_id: str) -> StoredFile:
-    """The caller's unexpired file, or a 404 whatever the reason."""
+async def visible_file(
+    state: AppState, caller: Caller, file_id: str, param: str = "id"
+) -> StoredFile:
+    """The caller's unexpired file, or a 404 (naming `param`) whatever the reason."""
     if not is_file_id(file_id):
-        raise _not_found(file_id)
+        raise _not_found(file_id, param)
     row = await read_db("files", lambda: get_file(state.engine, file_id))
     if row is None or not caller.owns(row.owner) or is_expired(row, datetime.now(UTC)):
-        raise _not_found(file_id)
+        raise _not_found(file_id, param)
     return row
 
 
@@ -259,7 +261,7 @@ async def list_all(
 
 @router.get("/{file_id}")
 async def retrieve(file_id: FileId, state: StateDep, caller: CallerDep) -> dict[str, Any]:
-    return file_object(await _visible(state, caller, file_id))
+    return file_object(await visible_file(state, caller, file_id))
 
 
 def _open(storage: FileStorage, file_id: str) -> tuple[BinaryIO, int]:
@@ -283,7 +285,7 @@ def _disposition(filename: str) -> str:
 @router.get("/{file_id}/content", response_class=StreamingResponse)
 async def content(file_id: FileId, state: StateDep, caller: CallerDep) -> Response:
     """The file's bytes, as uploaded (or as the batch wrote them)."""
-    row = await _visible(state, caller, file_id)
+    row = await visible_file(state, caller, file_id)
     storage = FileStorage.from_settings(state.settings)
     try:
         fh, size = await asyncio.to_thread(_open, storage, file_id)
@@ -307,7 +309,7 @@ async def content(file_id: FileId, state: StateDep, caller: CallerDep) -> Respon
 @router.delete("/{file_id}")
 async def remove(file_id: FileId, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     """Delete the file, unless a batch that is still running reads it (409)."""
-    await _visible(state, caller, file_id)
+    await visible_file(state, caller, file_id)
     try:
         deleted = await read_db("files", lambda: delete_file(state.engine, file_id))
     except FileInUse:

@@ -16,12 +16,14 @@ import asyncio
 import hmac
 import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.deps import StateDep
@@ -33,6 +35,8 @@ from app.state import AppState
 from app.store.consolidation import consolidation_status
 from app.store.db import DB_ERRORS
 from app.store.metrics_history import latest_total, read_history
+
+T = TypeVar("T")
 
 HISTORY_TIMEOUT_S = 3.0
 SUMMARY_DB_TIMEOUT_S = 1.0
@@ -81,26 +85,28 @@ async def metrics(state: StateDep) -> Response:
 
 async def _queue(state: AppState) -> bytes:
     """The consolidation queue's metrics; none while Redis does not answer."""
-    if state.redis is None:
-        return b""
-    try:
-        async with asyncio.timeout(QUEUE_TIMEOUT_S):
-            status = await consolidation_status(state.redis, state.settings.flywheel_redis_prefix)
-    except (RedisError, OSError, TimeoutError):
-        return b""
-    return consolidation_exposition(status)
+    return await _shared(state, consolidation_status, consolidation_exposition)
 
 
 async def _batches(state: AppState) -> bytes:
     """Batch execution, as the workers flushed it; none while Redis does not answer."""
+    return await _shared(state, read_batch_stats, batch_exposition)
+
+
+async def _shared(
+    state: AppState,
+    read: Callable[[Redis, str], Awaitable[T]],
+    render: Callable[[T], bytes],
+) -> bytes:
+    """Metrics every process shares, read from Redis at scrape time (exposed once)."""
     if state.redis is None:
         return b""
     try:
         async with asyncio.timeout(QUEUE_TIMEOUT_S):
-            stats = await read_batch_stats(state.redis, state.settings.flywheel_redis_prefix)
+            found = await read(state.redis, state.settings.flywheel_redis_prefix)
     except (RedisError, OSError, TimeoutError):
         return b""
-    return batch_exposition(stats)
+    return render(found)
 
 
 @router.get("/metrics/cache")

@@ -17,7 +17,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
+CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT = "/v1/chat/completions", "/v1/embeddings"
+SUPPORTED_ENDPOINTS = (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT)
 # A line becomes one request body; this bounds what one line may hold in memory.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 MAX_CUSTOM_ID = 512

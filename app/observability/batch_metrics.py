@@ -27,6 +27,8 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.files.batch_lines import SUPPORTED_ENDPOINTS
+
 log = logging.getLogger("flywheel.batches")
 
 CALL_TIMEOUT_S = 1.0
@@ -34,9 +36,7 @@ FRESH_S = 15.0  # a worker's gauges count while its last flush is this recent
 FORGET_S = 86_400.0  # a worker silent this long is dropped from the hashes
 
 # Label values are bounded: anything else is counted as "other".
-ENDPOINTS = frozenset(
-    {"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"}
-)
+ENDPOINTS = frozenset(SUPPORTED_ENDPOINTS)
 OUTCOMES = frozenset({"completed", "failed"})
 STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 OTHER = "other"

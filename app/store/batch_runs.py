@@ -129,10 +129,3 @@ async def release(engine: AsyncEngine, batch_id: str, worker: str) -> None:
             .where(Batch.id == batch_id, Batch.lease_owner == worker)
             .values(lease_owner=None, lease_until=None)
         )
-
-
-async def status_of(engine: AsyncEngine, batch_id: str) -> str | None:
-    async with engine.connect() as conn:
-        found = await conn.execute(select(Batch.status).where(Batch.id == batch_id))
-        status: str | None = found.scalar_one_or_none()
-        return status

@@ -544,7 +544,7 @@ async def test_database_down_is_a_503(make_settings: Callable[..., Settings]) ->
         flywheel_master_key=MASTER, database_url="postgresql://127.0.0.1:1/none"
     )
     headers = {"authorization": f"Bearer {MASTER}"}
-    body = {"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h"}
+    body = {"input_file_id": "file-" + "0" * 24, "endpoint": CHAT, "completion_window": "24h"}
     async with (
         Served(create_app(settings)) as gw,
         httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=20) as http,
