@@ -123,6 +123,15 @@ BUDGET_GRACE_S = 86_400
 MAX_TOKENS = 10**12
 
 
+def limit_keys(prefix: str, key_id: str, period_id: str) -> list[str]:
+    """An API key's counters: request buckets, token buckets, the period's spend.
+
+    Shared with the read-only usage view (app/ratelimit/usage.py), so both name them alike.
+    """
+    tag = f"{prefix}rl:{{{key_id}}}"
+    return [f"{tag}:req", f"{tag}:tok", f"{tag}:usd:{period_id}"]
+
+
 class RedisWindow:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._prefix = prefix
@@ -130,8 +139,7 @@ class RedisWindow:
         self._settle = redis.register_script(SETTLE)
 
     def _keys(self, key_id: str, period_id: str) -> list[str]:
-        tag = f"{self._prefix}rl:{{{key_id}}}"
-        return [f"{tag}:req", f"{tag}:tok", f"{tag}:usd:{period_id}"]
+        return limit_keys(self._prefix, key_id, period_id)
 
     async def reserve(self, quota: Quota, ask: Ask) -> tuple[Decision, float | None]:
         """The decision, and the period's spend in dollars (None without a budget)."""
