@@ -168,6 +168,8 @@ class Settings(BaseSettings):
     # share a host, its background work (batches, consolidation, the cycle) gives way
     # to live requests when the CPU is busy. 0 keeps it equal.
     flywheel_worker_nice: int = Field(default=10, ge=0, le=19)
+    # How long a dashboard login lasts (a signed cookie; a new master key ends them all).
+    flywheel_dashboard_session_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

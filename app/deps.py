@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.api.auth import Caller, authenticate
+from app.auth.session import api_session
 from app.errors import AuthenticationError, PermissionDeniedError
 from app.state import AppState
 
@@ -27,17 +29,20 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 async def require_admin(request: Request, state: StateDep) -> None:
-    """Admin endpoints take the master key as a bearer token."""
+    """Admin endpoints take the master key as a bearer token (or a dashboard session)."""
     master = state.settings.flywheel_master_key
     if master is None:
         raise PermissionDeniedError(
             "admin endpoints are off: set FLYWHEEL_MASTER_KEY", code="admin_disabled"
         )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
+    if scheme.lower() == "bearer" and secrets.compare_digest(
         token.encode(), master.get_secret_value().encode()
     ):
-        raise AuthenticationError("admin endpoints need the master key as a bearer token")
+        return
+    if api_session(request.headers, master, time.time()):
+        return  # the operator dashboard, logged in with the master key
+    raise AuthenticationError("admin endpoints need the master key as a bearer token")
 
 
 AdminDep = Depends(require_admin)

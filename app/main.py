@@ -23,6 +23,7 @@ from app.api import (
     batches,
     chat,
     cycle,
+    dashboard,
     datasets,
     embeddings,
     experiments,
@@ -32,6 +33,8 @@ from app.api import (
     keys,
     metrics,
     models,
+    requests_log,
+    routes_admin,
 )
 from app.api.fastpath import Gateway
 from app.api.middleware import RequestIdMiddleware
@@ -129,6 +132,9 @@ def create_app(
         datasets,
         batches,
         files,
+        dashboard,
+        requests_log,
+        routes_admin,
     ):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)

@@ -1,5 +1,6 @@
 """Who is calling /v1: the master key, a virtual key, or (where allowed) nobody in
-particular. Decided from the Authorization header alone, never from Host or the URL."""
+particular. Decided from the Authorization header (or, for the operator dashboard, its
+session cookie beside its header), never from Host or the URL."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.auth.resolver import KeyInfo, KeyLookupUnavailable
+from app.auth.session import api_session
 from app.cache.keys import tenant_of
 from app.errors import AuthenticationError, PermissionDeniedError, ServiceUnavailableError
 from app.state import AppState
@@ -66,6 +68,8 @@ async def authenticate(state: AppState, headers: Mapping[str, str]) -> Caller:
     token = _bearer(header)
     required = state.settings.auth_required
     if token is None:
+        if api_session(headers, state.settings.flywheel_master_key, time.time()):
+            return Caller("master", master=True)  # the operator dashboard
         if required:
             raise AuthenticationError(
                 "You didn't provide an API key: send it as `Authorization: Bearer <key>`.",

@@ -34,6 +34,7 @@ from app.ratelimit.quota import Meter
 HEALTH_PREFIXES = ("/health", "/metrics")
 SWEEP_S = 10.0
 MAX_NAMES = 100_000
+LOGIN_LIMIT = parse("10/minute")
 log = logging.getLogger("flywheel.limits")
 
 
@@ -144,6 +145,15 @@ class HttpLimits:
             return None
         self.refused += 1
         return _refusal(item, self._meter(item, scope_name, ip), "this address")
+
+    def check_login(self, scope: Scope) -> None:
+        """Dashboard logins per address: always on (FLYWHEEL_HTTP_LIMITS only switches
+        the traffic limits), so the master key cannot be guessed at speed."""
+        ip = _client_ip(scope)
+        if self.slowapi.limiter.hit(LOGIN_LIMIT, "login", ip):
+            return
+        self.refused += 1
+        raise _refusal(LOGIN_LIMIT, self._meter(LOGIN_LIMIT, "login", ip), "dashboard logins")
 
     def check_key(self, endpoint: str, key_id: str) -> Meter | None:
         """Count a request of a key without its own RPM; the meter for its headers.

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.auth.session import api_session
 from app.deps import StateDep
 from app.errors import AuthenticationError, ServiceUnavailableError
 from app.observability.batch_metrics import batch_exposition, read_batch_stats
@@ -44,10 +45,13 @@ QUEUE_TIMEOUT_S = 0.5
 
 
 async def require_metrics_token(request: Request, state: StateDep) -> None:
-    """With FLYWHEEL_METRICS_TOKEN set: its bearer token, or the master key; else 401."""
+    """With FLYWHEEL_METRICS_TOKEN set: its bearer token, the master key or a dashboard
+    session; else 401."""
     token = state.settings.flywheel_metrics_token
     if token is None:
         return
+    if api_session(request.headers, state.settings.flywheel_master_key, time.time()):
+        return  # the operator dashboard, logged in with the master key
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     given = given.strip()
     if scheme.lower() != "bearer" or not given:
@@ -119,11 +123,19 @@ async def cache_metrics(state: StateDep) -> dict[str, Any]:
 async def metrics_history(
     state: StateDep,
     hours: Annotated[int, Query(ge=1, le=24, description="How far back, in hours (1-24)")] = 1,
+    series: Annotated[
+        bool, Query(description="each route/deployment too (false: all traffic only)")
+    ] = True,
+    route: Annotated[
+        str | None, Query(max_length=200, description="only this route's series (and totals)")
+    ] = None,
 ) -> dict[str, Any]:
     """The metrics points the workers persisted: all traffic, and each route/deployment."""
     try:
         async with asyncio.timeout(HISTORY_TIMEOUT_S):
-            history = await read_history(state.engine, hours=hours, now=datetime.now(UTC))
+            history = await read_history(
+                state.engine, hours=hours, now=datetime.now(UTC), series=series, route=route
+            )
     except DB_ERRORS as e:
         raise ServiceUnavailableError(
             "metrics history is unavailable: the database did not answer",

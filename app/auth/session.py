@@ -1,0 +1,84 @@
+"""Dashboard sessions: a signed, expiring cookie issued for the master key.
+
+The browser never holds the master key: logging in trades it for a token that says
+"master, until T", signed with a key derived from the master key. Nothing is stored,
+so every replica accepts a session any replica issued, and a new master key ends every
+session at once. The cookie is HttpOnly (page scripts cannot read it) and SameSite=Strict
+(other sites' pages cannot send it). The API endpoints take it only beside the
+`X-Flywheel-Dashboard` header: a custom header cannot be sent cross-origin without a
+CORS preflight the gateway never grants, a second guard against cross-site requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from http.cookies import CookieError, SimpleCookie
+
+from pydantic import SecretStr
+
+COOKIE = "flywheel_session"
+HEADER = "x-flywheel-dashboard"
+VERSION = "v1"
+
+
+def _signing_key(master: SecretStr) -> bytes:
+    # Derived, so the token's signature is no oracle for the master key itself.
+    return hashlib.sha256(
+        b"flywheel-dashboard-session\0" + master.get_secret_value().encode()
+    ).digest()
+
+
+def _sign(master: SecretStr, payload: str) -> str:
+    mac = hmac.new(_signing_key(master), payload.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def issue(master: SecretStr, now: float, ttl_s: int) -> str:
+    """A session token valid for `ttl_s` from `now`."""
+    payload = f"{VERSION}.{int(now) + ttl_s}.{secrets.token_urlsafe(12)}"
+    return f"{payload}.{_sign(master, payload)}"
+
+
+def expires_at(token: str) -> int | None:
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != VERSION or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def valid(token: str, master: SecretStr | None, now: float) -> bool:
+    """Whether the token was signed with this master key and has not expired."""
+    if master is None or len(token) > 200:
+        return False
+    ends = expires_at(token)
+    if ends is None or ends <= now:
+        return False
+    payload, _, signature = token.rpartition(".")
+    return hmac.compare_digest(signature.encode(), _sign(master, payload).encode())
+
+
+def cookie_token(headers: Mapping[str, str]) -> str | None:
+    """The session cookie's value in a request's Cookie header, if any."""
+    raw = headers.get("cookie")
+    if not raw or COOKIE not in raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return None if morsel is None else morsel.value
+
+
+def api_session(headers: Mapping[str, str], master: SecretStr | None, now: float) -> bool:
+    """Whether an API request comes from a logged-in dashboard: a valid session cookie
+    and the dashboard's own header (see the module's note on cross-site requests)."""
+    if master is None or not headers.get(HEADER):
+        return False
+    token = cookie_token(headers)
+    return token is not None and valid(token, master, now)
