@@ -7,7 +7,7 @@ Read from the database within a short timeout: a database that does not answer i
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -35,9 +35,21 @@ async def get_alerts(
         datetime | None,
         Query(description="only alerts raised at or after this time (ISO 8601; UTC if naive)"),
     ] = None,
+    open_only: Annotated[
+        bool,
+        Query(
+            alias="open",
+            description="only open alerts: raised within the cooldown (FLYWHEEL_ALERT_COOLDOWN_S)",
+        ),
+    ] = False,
 ) -> dict[str, Any]:
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
+    cooldown_s = state.settings.flywheel_alert_cooldown_s
+    if open_only:
+        # An alert stays open while its cooldown holds back repeats of it.
+        opened = datetime.now(UTC) - timedelta(seconds=cooldown_s)
+        since = opened if since is None else max(since, opened)
     try:
         async with asyncio.timeout(READ_TIMEOUT_S):
             data = await list_alerts(
@@ -48,4 +60,4 @@ async def get_alerts(
             f"alerts are unavailable: the database did not answer ({type(e).__name__})",
             code="database_unavailable",
         ) from e
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data, "cooldown_s": cooldown_s}

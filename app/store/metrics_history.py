@@ -400,8 +400,17 @@ def _shape(rows: Iterable[Row[Any]]) -> tuple[list[dict[str, Any]], list[dict[st
     return totals, listed
 
 
-async def read_history(engine: AsyncEngine, *, hours: int, now: datetime) -> dict[str, Any]:
-    """The points of the last `hours` hours, oldest first: totals, and each series."""
+async def read_history(
+    engine: AsyncEngine,
+    *,
+    hours: int,
+    now: datetime,
+    series: bool = True,
+    route: str | None = None,
+) -> dict[str, Any]:
+    """The points of the last `hours` hours, oldest first: totals, and each series
+    (without `series`, the all-traffic points alone: what an overview draws; with a
+    `route`, the totals and that route's series alone: what a route's page draws)."""
     since = now - timedelta(hours=hours)
     mp = MetricsPoint.__table__
     query = (
@@ -409,19 +418,23 @@ async def read_history(engine: AsyncEngine, *, hours: int, now: datetime) -> dic
         .where(mp.c.bucket_start > since, mp.c.bucket_start <= now)
         .order_by(mp.c.bucket_start, mp.c.route, mp.c.deployment)
     )
+    if not series:
+        query = query.where(mp.c.route == ALL)
+    elif route is not None:
+        query = query.where(mp.c.route.in_((ALL, route)))
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     if len(rows) > SHAPE_INLINE_MAX:
-        totals, series = await asyncio.to_thread(_shape, rows)
+        totals, listed = await asyncio.to_thread(_shape, rows)
     else:
-        totals, series = _shape(rows)
+        totals, listed = _shape(rows)
     return {
         "object": "metrics.history",
         "hours": hours,
         "from": since.isoformat(),
         "to": now.isoformat(),
         "totals": totals,
-        "series": series,
+        "series": listed,
     }
 
 

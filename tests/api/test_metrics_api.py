@@ -92,6 +92,15 @@ async def test_history_shows_what_the_job_persisted(gateway: Served) -> None:
         stamps = [p["bucket_start"] for p in history["totals"]]
         assert stamps == sorted(stamps)
         assert sum(p["requests"] for p in history["totals"]) >= 10
+        # What the dashboard asks for: the totals alone, or one route's series alone.
+        async with httpx.AsyncClient(base_url=gateway.url) as client:
+            lean = (await client.get("/metrics/history", params={"series": "false"})).json()
+            one = (await client.get("/metrics/history", params={"route": route})).json()
+        assert lean["series"] == []
+        assert lean["totals"] == history["totals"]
+        assert {s["route"] for s in one["series"]} == {route}
+        assert {s["deployment"]: s["points"] for s in one["series"]} == mine
+        assert one["totals"] == history["totals"]
     finally:
         async with state.engine.begin() as conn:
             await conn.execute(delete(RequestRow).where(RequestRow.route == route))

@@ -333,6 +333,12 @@ async def test_the_admin_endpoint_lists_and_filters(
             params={"subject": scene.subject("spiky"), "since": later},
         )
         assert after.json()["data"] == []
+        # Open: raised within the cooldown of now; the scene's alerts are years old.
+        opened = await client.get("/admin/alerts", headers=auth, params={"open": "true"})
+        assert opened.json()["cooldown_s"] == settings.flywheel_alert_cooldown_s
+        assert not [a for a in opened.json()["data"] if a["route"] == scene.route]
+        everything = await client.get("/admin/alerts", headers=auth, params={"limit": 500})
+        assert [a for a in everything.json()["data"] if a["route"] == scene.route]
         for bad in ({"limit": 0}, {"limit": 501}, {"kind": "nonsense"}, {"since": "yesterday"}):
             resp = await client.get("/admin/alerts", headers=auth, params=bad)
             assert resp.status_code == 400, bad
