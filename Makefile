@@ -14,6 +14,7 @@ run: $(BASE_STAMP)
 	$(BIN)/flywheel run
 
 test: $(DEV_STAMP)
+	@scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest
 
 lint: $(DEV_STAMP)
