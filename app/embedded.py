@@ -213,7 +213,8 @@ def run(settings: Settings, migrate: Callable[[str], None]) -> int:
         )
         print(
             f"flywheel: gateway on http://{settings.host}:{settings.port} "
-            f"(worker log: {var_dir / 'worker.log'}); Ctrl-C stops everything",
+            f"(dashboard: /dashboard; worker log: {var_dir / 'worker.log'}); "
+            "Ctrl-C stops everything",
             file=sys.stderr,
         )
         while not stopping:

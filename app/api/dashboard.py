@@ -20,7 +20,7 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.auth.session import COOKIE, cookie_token, expires_at, issue, valid
+from app.auth.session import COOKIE, cookie_token, issue, valid
 from app.dashboard import STATIC_DIR
 from app.deps import StateDep
 from app.errors import AuthenticationError, NotFoundError, PermissionDeniedError
@@ -119,15 +119,6 @@ async def logout() -> Response:
     response = Response(status_code=204, headers={"Cache-Control": "no-store"})
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response
-
-
-@router.get("/session")
-async def session(request: Request, state: StateDep) -> dict[str, int | None]:
-    """When this browser's session ends (401 without one): the page's idle check."""
-    if not logged_in(request, state):
-        raise AuthenticationError("not logged in to the dashboard", code="invalid_session")
-    token = cookie_token(request.headers)
-    return {"expires_at": None if token is None else expires_at(token)}
 
 
 @router.get("/")

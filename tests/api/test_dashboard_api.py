@@ -88,7 +88,6 @@ async def test_login_sets_a_strict_http_only_cookie_and_opens_the_pages(gw: Serv
             assert got.status_code == 200, name
         script = await client.get("/dashboard/js/app.js")
         assert script.headers["content-type"].startswith("text/javascript")
-        assert (await client.get("/dashboard/session")).json()["expires_at"] > 0
 
 
 async def test_a_wrong_key_opens_no_page_and_no_data(gw: Served) -> None:
@@ -108,7 +107,6 @@ async def test_a_wrong_key_opens_no_page_and_no_data(gw: Served) -> None:
             else:
                 assert got.status_code == 401, name
                 assert got.json()["error"]["type"] == "authentication_error"
-        assert (await client.get("/dashboard/session")).status_code == 401
 
         wrong = {"authorization": f"Bearer {WRONG}", **DASH}
         for method, path in DATA:

@@ -181,7 +181,7 @@ async def test_a_wrong_key_opens_no_page_and_no_data(rig: Rig, browser: Any) -> 
     assert not await page.context.cookies()
     for path in ("/admin/routes", "/admin/requests", "/admin/keys", "/v1/virtuous-cycle/status"):
         assert await _status_in_page(page, path) == 401, path
-    for path in ("/dashboard/js/app.js", "/dashboard/index.html", "/dashboard/session"):
+    for path in ("/dashboard/js/app.js", "/dashboard/index.html", "/dashboard/js/keys.js"):
         assert (await page.goto(rig.url + path)).status == 401, path
     await page.goto(rig.url + "/dashboard/#/requests")
     assert urlsplit(page.url).path == "/dashboard/login"

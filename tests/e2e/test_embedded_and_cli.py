@@ -79,6 +79,12 @@ def run_once(tmp: Path, port: int, sig: signal.Signals) -> None:
         )
         assert status.status_code == 200, status.text
         assert "demo-cycle" in status.json()["routes"]
+        # The same key logs in to the dashboard, whose page `make run` serves.
+        with httpx.Client(base_url=url, timeout=10) as browser:
+            assert browser.get("/dashboard/").status_code == 303
+            login = browser.post("/dashboard/login", json={"key": master})
+            assert login.status_code == 204, login.text
+            assert "Flywheel" in browser.get("/dashboard/").text
         proc.send_signal(sig)
         assert proc.wait(20) == 0
         assert proc.stdout is not None
