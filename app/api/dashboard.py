@@ -14,13 +14,14 @@ import logging
 import mimetypes
 import secrets
 import time
+from types import MappingProxyType
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.auth.session import COOKIE, cookie_token, issue, valid
+from app.auth.session import COOKIE, issue, session_valid
 from app.dashboard import STATIC_DIR
 from app.deps import StateDep
 from app.errors import AuthenticationError, NotFoundError, PermissionDeniedError
@@ -32,16 +33,18 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 # What a browser may load before logging in: the login page, its script and the style.
 PUBLIC = frozenset({"login.html", "login.js", "dashboard.css"})
-HEADERS = {
-    # Scripts and styles only from the gateway itself; no inline script, no framing.
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
+HEADERS = MappingProxyType(
+    {
+        # Scripts and styles only from the gateway itself; no inline script, no framing.
+        "Content-Security-Policy": (
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        ),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+)
 
 
 def _load() -> dict[str, tuple[bytes, str]]:
@@ -55,19 +58,17 @@ def _load() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-FILES = _load()
+FILES = MappingProxyType(_load())
 
 
 def _file(name: str) -> Response:
     body, kind = FILES[name]
     charset = "; charset=utf-8" if kind.startswith("text/") else ""
-    return Response(body, media_type=kind + charset, headers=HEADERS)
+    return Response(body, media_type=kind + charset, headers=dict(HEADERS))
 
 
 def logged_in(request: Request, state: AppState) -> bool:
-    token = cookie_token(request.headers)
-    master = state.settings.flywheel_master_key
-    return token is not None and valid(token, master, time.time())
+    return session_valid(request.headers, state.settings.flywheel_master_key, time.time())
 
 
 class Login(BaseModel):

@@ -60,19 +60,19 @@ async def list_log(
     until: When = None,
 ) -> dict[str, Any]:
     """Requests newest first; `since` is inclusive, `until` exclusive."""
-    f = LogFilter(
-        route=route,
-        deployment=deployment,
-        key_id=key_id,
-        model=model,
-        status=status,
-        cache=cache,
-        quality=quality,
-        quality_below=quality_below,
-        since=since,
-        until=until,
-    )
     try:
+        f = LogFilter(
+            route=route,
+            deployment=deployment,
+            key_id=key_id,
+            model=model,
+            status=status,
+            cache=cache,
+            quality=quality,
+            quality_below=quality_below,
+            since=since,
+            until=until,
+        )
         at = None if cursor is None else decode_cursor(cursor)
         f.residual()  # checked before the database is asked
     except LogQueryError as e:

@@ -14,15 +14,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Mapping
-from http.cookies import CookieError, SimpleCookie
 
 from pydantic import SecretStr
 
 COOKIE = "flywheel_session"
 HEADER = "x-flywheel-dashboard"
 VERSION = "v1"
+_EXPIRY = re.compile(r"[0-9]{1,12}")
 
 
 def _signing_key(master: SecretStr) -> bytes:
@@ -45,7 +46,8 @@ def issue(master: SecretStr, now: float, ttl_s: int) -> str:
 
 def expires_at(token: str) -> int | None:
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != VERSION or not parts[1].isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if len(parts) != 4 or parts[0] != VERSION or not _EXPIRY.fullmatch(parts[1]):
         return None
     return int(parts[1])
 
@@ -61,18 +63,28 @@ def valid(token: str, master: SecretStr | None, now: float) -> bool:
     return hmac.compare_digest(signature.encode(), _sign(master, payload).encode())
 
 
-def cookie_token(headers: Mapping[str, str]) -> str | None:
-    """The session cookie's value in a request's Cookie header, if any."""
+def cookie_tokens(headers: Mapping[str, str]) -> list[str]:
+    """Every value the Cookie header gives the session cookie.
+
+    Split by hand rather than with http.cookies, which drops the whole header over one
+    malformed cookie of another application on the same host (locking the operator
+    out). All values are kept: a cookie planted for the same name from elsewhere must
+    not hide the real one, and only a validly signed one is ever accepted.
+    """
     raw = headers.get("cookie")
     if not raw or COOKIE not in raw:
-        return None
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(raw)
-    except CookieError:
-        return None
-    morsel = jar.get(COOKIE)
-    return None if morsel is None else morsel.value
+        return []
+    found = []
+    for part in raw.split(";"):
+        name, sep, value = part.partition("=")
+        if sep and name.strip() == COOKIE:
+            found.append(value.strip().strip('"'))
+    return found
+
+
+def session_valid(headers: Mapping[str, str], master: SecretStr | None, now: float) -> bool:
+    """Whether the request carries a valid session cookie (pages and their files)."""
+    return any(valid(token, master, now) for token in cookie_tokens(headers)[:4])
 
 
 def api_session(headers: Mapping[str, str], master: SecretStr | None, now: float) -> bool:
@@ -80,5 +92,4 @@ def api_session(headers: Mapping[str, str], master: SecretStr | None, now: float
     and the dashboard's own header (see the module's note on cross-site requests)."""
     if master is None or not headers.get(HEADER):
         return False
-    token = cookie_token(headers)
-    return token is not None and valid(token, master, now)
+    return session_valid(headers, master, now)

@@ -64,7 +64,8 @@ BRIEF: Final = (
     "quality_source",
 )
 
-_FULL: Final = tuple(c.name for c in REQUESTS.columns)
+# Not the tenant: for a caller without a virtual key it is a hash of the token it sent.
+_FULL: Final = tuple(c.name for c in REQUESTS.columns if c.name != "tenant")
 
 Position = tuple[datetime, str]  # (created_at, id) of a row: where a page starts below
 
@@ -93,12 +94,24 @@ class LogFilter:
     since: datetime | None = None
     until: datetime | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("since", "until"):
+            at = getattr(self, name)
+            if at is not None:
+                try:
+                    utc(at)
+                except OverflowError as e:  # 0001-01-01T00:00+14:00 has no UTC time
+                    raise LogQueryError(name, f"{name} is out of range") from e
+
     def indexed(self) -> list[ColumnElement[bool]]:
         """The conditions the indexes serve (the scan runs along them)."""
         r = RequestRow
         terms: list[ColumnElement[bool]] = []
         if self.route is not None:
             terms.append(r.route == self.route)
+        elif self.key_id is not None:
+            # A key's requests are its tenant's: ix_requests_tenant_created_at serves them.
+            terms.append(r.tenant == f"key:{self.key_id}")
         if self.since is not None:
             terms.append(r.created_at >= utc(self.since))
         if self.until is not None:
@@ -109,9 +122,10 @@ class LogFilter:
         """The conditions checked row by row, within the bounded scan."""
         r = RequestRow
         terms: list[ColumnElement[bool]] = []
+        by_key = self.key_id if self.route is not None else None  # else indexed
         for column, value in (
             (r.deployment, self.deployment),
-            (r.key_id, self.key_id),
+            (r.key_id, by_key),
             (r.model, self.model),
         ):
             if value is not None:
@@ -181,12 +195,12 @@ def decode_cursor(cursor: str) -> Position:
     try:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         when, sep, rid = raw.decode().partition("|")
-        at = datetime.fromisoformat(when)
-    except (binascii.Error, UnicodeDecodeError, ValueError) as e:
+        parsed = datetime.fromisoformat(when)
+        if not sep or parsed.tzinfo is None or not _ID.match(rid):
+            raise ValueError("not a cursor")
+        return utc(parsed), rid  # OverflowError for a time with no UTC equivalent
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as e:
         raise LogQueryError("cursor", "cursor is not one this endpoint gave out") from e
-    if not sep or at.tzinfo is None or not _ID.match(rid):
-        raise LogQueryError("cursor", "cursor is not one this endpoint gave out")
-    return utc(at), rid
 
 
 def _below(at: Position) -> ColumnElement[bool]:
@@ -321,11 +335,18 @@ def _body_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _from(tenant: str) -> str:
+    """Who gave feedback, as shown: a key's id, "master" or "anonymous"; any other
+    tenant is a hash of a token a caller sent (keys optional), shown as "other"."""
+    if tenant.startswith("key:"):
+        return tenant[4:]
+    return tenant if tenant in ("master", "anonymous") else "other"
+
+
 def _feedback_json(row: dict[str, Any]) -> dict[str, Any]:
-    # The tenant is the key id (or "master"), never a secret: no hash lives here.
     return {
         "object": "request.feedback",
-        "tenant": row["tenant"],
+        "tenant": _from(row["tenant"]),
         "score": row["score"],
         "comment": row["comment"],
         "created_at": _iso(row["created_at"]),

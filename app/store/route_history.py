@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -71,14 +71,20 @@ async def route_history(engine: AsyncEngine, route: str, since: datetime) -> His
     """One point per completed run started at or after `since`, oldest first; the
     newest MAX_RUNS when there are more."""
     r = CycleRun
+    # The database picks the route's part of the JSON; SQLite's path does not escape a
+    # quote or backslash in the name, so such a name is picked out here instead.
+    plain = not any(c in route for c in '"\\')
+    figures = r.routes[route] if plain else r.routes
     query = (
-        select(r.id, r.started_at, r.routes[route].label("figures"))
+        select(r.id, r.started_at, figures.label("figures"))
         .where(r.status == COMPLETED, r.started_at >= since)
         .order_by(r.started_at.desc(), r.id.desc())
         .limit(MAX_RUNS + 1)  # one more tells whether any were left out
     )
     async with engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
+        rows: Sequence[Row[Any] | Picked] = (await conn.execute(query)).all()
+    if not plain:
+        rows = [Picked(r.id, r.started_at, (r.figures or {}).get(route)) for r in rows]
     truncated = len(rows) > MAX_RUNS
     kept = rows[:MAX_RUNS]
     if len(kept) > SHAPE_INLINE_MAX:
@@ -92,7 +98,15 @@ async def route_history(engine: AsyncEngine, route: str, since: datetime) -> His
     return History(points, truncated, latest)
 
 
-def _shape(rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
+class Picked(NamedTuple):
+    """A run's row with its route's figures picked out after reading (see above)."""
+
+    id: str
+    started_at: datetime
+    figures: Any
+
+
+def _shape(rows: Sequence[Row[Any] | Picked]) -> list[dict[str, Any]]:
     """The points oldest first (the rows come newest first)."""
     return [point(row.id, row.started_at, row.figures) for row in reversed(rows)]
 

@@ -198,3 +198,32 @@ async def test_no_master_key_means_no_dashboard(make_settings: Callable[..., Set
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "admin_disabled"
         assert (await client.get("/dashboard/")).status_code == 303
+
+
+async def test_odd_cookies_neither_break_nor_hide_a_session(gw: Served) -> None:
+    """Found by review: a non-ASCII digit in a token was a 500 on every endpoint; one
+    malformed cookie of another application, or a second cookie of the same name,
+    hid a valid session."""
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        done = await _login(client, MASTER)
+        token = done.cookies[COOKIE]
+    base = httpx.AsyncClient(base_url=gw.url, timeout=10)
+    async with base as client:
+        for path in ("/admin/routes", "/dashboard/", "/v1/models"):
+            got = await client.get(
+                path, headers={"cookie": f'{COOKIE}="v1.\u00b2.x.y"'.encode("latin-1"), **DASH}
+            )
+            assert got.status_code in (303, 401), (path, got.status_code)
+        for cookie in (
+            f"a=b c; {COOKIE}={token}",
+            f'x={{"a":1}}; {COOKIE}={token}',
+            f"a=b\\c; {COOKIE}={token}",
+            f"{COOKIE}={token}; {COOKIE}=planted-elsewhere",
+            f"{COOKIE}=planted-elsewhere; {COOKIE}={token}",
+        ):
+            got = await client.get("/admin/routes", headers={"cookie": cookie, **DASH})
+            assert got.status_code == 200, cookie
+        planted = await client.get(
+            "/admin/routes", headers={"cookie": f"{COOKIE}=planted-elsewhere", **DASH}
+        )
+        assert planted.status_code == 401

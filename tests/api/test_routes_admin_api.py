@@ -399,3 +399,23 @@ async def test_database_down_is_a_503(make_settings: Callable[..., Settings]) ->
             resp = await client.get(path)
             error = assert_openai_error(resp, 503, "server_error")
             assert error["code"] == "database_unavailable"
+
+
+async def test_history_of_a_route_whose_name_json_paths_cannot_quote(engine: AsyncEngine) -> None:
+    """SQLite's JSON path does not escape a quote or a backslash in a key: such a route's
+    figures are picked out of the run after reading it, on both databases alike."""
+    name = f'odd"na\\me-{uuid.uuid4().hex[:6]}'
+    at = datetime(1999, 1, 1, tzinfo=UTC) + timedelta(minutes=uuid.uuid4().int % 100_000)
+    run_id = f"run_{uuid.uuid4().hex[:24]}"
+    await start_run(engine, run_id, at, "manual", None)
+    figures = {"quality": 0.91, "requests": 7, "weights": {"a": 1.0}, "deployments": {}}
+    await finish_run(engine, run_id, at, status="completed", routes={name: figures, "x": {}})
+    try:
+        found = await route_history.route_history(engine, name, at)
+        mine = [p for p in found.points if p["run_id"] == run_id]
+        assert [(p["quality"], p["requests"], p["weights"]) for p in mine] == [
+            (0.91, 7, {"a": 1.0})
+        ]
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(delete(CycleRun).where(CycleRun.id == run_id))

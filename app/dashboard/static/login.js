@@ -1,6 +1,7 @@
 // Trades the master key for a session cookie; the key itself is kept nowhere.
 const form = document.getElementById("login");
 const error = document.getElementById("login-error");
+document.getElementById("login-button").disabled = false;
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();

@@ -28,7 +28,7 @@ async function send(method, path, { params, body } = {}) {
   const response = await fetch(url(path, params), init);
   if (response.status === 401) {
     // The session ended (expired, logged out, or the master key changed).
-    location.assign("/dashboard/login");
+    location.assign(`/dashboard/login${location.hash}`);
     throw new ApiError(401, null);
   }
   const data = await response.json().catch(() => null);

@@ -1,5 +1,5 @@
 // The dashboard's shell: hash routes to pages, refresh timers, logout.
-import { disposeCharts } from "./charts.js";
+import { disposeCharts, pruneCharts } from "./charts.js";
 import { cycle } from "./cycle.js";
 import { clear, errorBanner, h } from "./dom.js";
 import { keys } from "./keys.js";
@@ -8,12 +8,13 @@ import { requestDetail, requests } from "./requests.js";
 import { routeDetail, routes } from "./routes.js";
 
 const view = document.getElementById("view");
+// page: [list, detail, seconds between redraws (null: drawn once, e.g. paged lists)]
 const PAGES = {
-  overview: [overview, null],
-  routes: [routes, routeDetail],
-  cycle: [cycle, null],
-  requests: [requests, requestDetail],
-  keys: [keys, null],
+  overview: [overview, null, 30],
+  routes: [routes, routeDetail, 30],
+  cycle: [cycle, null, null],
+  requests: [requests, requestDetail, null],
+  keys: [keys, null, 30],
 };
 let generation = 0;
 let timer = null;
@@ -24,34 +25,49 @@ function parse() {
   return { page: PAGES[page] ? page : "overview", arg: rest.length ? decodeURIComponent(rest.join("/")) : null, query: new URLSearchParams(search) };
 }
 
+// A page is built off-screen and shown only if it is still the one asked for, so a
+// slow answer for a page left behind never replaces the page now shown.
 async function render(refresh = false) {
   const mine = ++generation;
   clearTimeout(timer);
   const { page, arg, query } = parse();
-  // A new page never shows the last one's rows while it loads; a refresh keeps them.
+  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.page === page);
   if (!refresh) {
     disposeCharts();
     clear(view, h("p", { class: "muted" }, "Loading…"));
   }
-  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("active", a.dataset.page === page);
-  const [list, detail] = PAGES[page];
+  const [list, detail, everyS] = PAGES[page];
   const show = arg !== null && detail ? detail : list;
-  const context = { arg, query, current: () => mine === generation };
-  let outcome;
+  const current = () => mine === generation;
+  const next = h("div");
   try {
-    outcome = await show(view, context);
+    await show(next, { arg, query, current });
+    if (current()) {
+      view.replaceChildren(next);
+      pruneCharts();
+    }
   } catch (error) {
-    if (mine === generation) clear(view, errorBanner(error));
-    return;
+    if (!current()) return;
+    if (refresh) {
+      // A failed redraw keeps what is shown, says why, and tries again next time.
+      view.querySelector(":scope > .banner.refresh")?.remove();
+      const banner = errorBanner(error);
+      banner.classList.add("refresh");
+      view.prepend(banner);
+    } else {
+      clear(view, errorBanner(error));
+    }
   }
-  // Pages that ask for it are redrawn while shown; a hidden tab asks for nothing.
-  if (outcome?.refreshS && mine === generation) {
-    timer = setTimeout(function again() {
-      if (mine !== generation) return;
-      if (document.visibilityState === "visible") render(true);
-      else timer = setTimeout(again, outcome.refreshS * 1000);
-    }, outcome.refreshS * 1000);
-  }
+  if (everyS && current()) schedule(mine, everyS);
+}
+
+function schedule(mine, everyS) {
+  timer = setTimeout(function again() {
+    if (mine !== generation) return;
+    // A hidden tab asks for nothing; it redraws once shown again.
+    if (document.visibilityState === "visible") render(true);
+    else timer = setTimeout(again, everyS * 1000);
+  }, everyS * 1000);
 }
 
 document.getElementById("logout").addEventListener("click", async () => {

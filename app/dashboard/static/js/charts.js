@@ -15,9 +15,9 @@ export function disposeCharts() {
   for (const chart of [...live]) dispose(chart);
 }
 
-// A refresh redraws in place: charts no longer on the page, or in this box, go.
-function disposeStale(box) {
-  for (const chart of [...live]) if (chart.box === box || !chart.box.isConnected) dispose(chart);
+// After a redraw is swapped in, the charts of the content it replaced go.
+export function pruneCharts() {
+  for (const chart of [...live]) if (!chart.box.isConnected) dispose(chart);
 }
 
 /**
@@ -25,8 +25,8 @@ function disposeStale(box) {
  * xs: Unix seconds; series: [{label, values, color?}]; thresholds: [{label, value, color}].
  * `box.dataset.points` tells how many points it holds (what the browser test reads).
  */
-export function timeChart(box, { title, xs, series, yFmt = String, height = 220, thresholds = [], fromZero = false }) {
-  disposeStale(box);
+export function timeChart(box, { title, xs, series, yFmt = String, height = 220, thresholds = [], fromZero = false, spanGaps = true }) {
+  for (const chart of [...live]) if (chart.box === box) dispose(chart);
   box.classList.add("chart");
   box.dataset.points = String(xs.length);
   if (!xs.length || !series.some((s) => s.values.some((v) => v !== null && v !== undefined))) {
@@ -53,7 +53,7 @@ export function timeChart(box, { title, xs, series, yFmt = String, height = 220,
         label: s.label,
         stroke: s.color ?? PALETTE[i % PALETTE.length],
         width: 2,
-        spanGaps: true,
+        spanGaps,
         value: (u, v) => format(v),
       })),
       ...thresholds.map((t) => ({

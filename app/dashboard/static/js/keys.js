@@ -42,7 +42,6 @@ export async function keys(view) {
   const [open, recent] = await Promise.allSettled([api.get("/admin/alerts", { open: true, limit: 100 }), api.get("/admin/alerts", { limit: 50 }), page()]);
   clear(openBox, open.status === "fulfilled" ? alertTable(open.value.data, "No open alerts.") : errorBanner(open.reason));
   clear(recentBox, recent.status === "fulfilled" ? alertTable(recent.value.data, "No alerts.") : errorBanner(recent.reason));
-  return { refreshS: 30 };
 }
 
 function keyRow(k) {
@@ -53,13 +52,19 @@ function keyRow(k) {
     { dataset: { key: k.id } },
     h("td", {}, k.name),
     h("td", { class: "mono" }, `${k.display_prefix ?? ""}… (${k.id})`),
-    h("td", {}, badge(k.active ? "active" : "revoked", k.active ? "ok" : "critical")),
+    h("td", {}, badge(...keyState(k))),
     h("td", { class: "wrap" }, k.allowed_routes?.length ? k.allowed_routes.join(", ") : "all"),
     h("td", {}, u ? meter(u.requests_per_min?.used, u.requests_per_min?.limit ?? k.rpm, "used") : fmt.int(k.rpm)),
     h("td", {}, u ? meter(u.tokens_per_min?.used, u.tokens_per_min?.limit ?? k.tpm, "used") : fmt.int(k.tpm)),
     h("td", {}, budget ? budgetMeter(budget, k) : k.budget_usd === null ? "none" : fmt.usd(k.budget_usd)),
     h("td", {}, k.expires_at ? fmt.time(k.expires_at) : "never"),
   );
+}
+
+function keyState(k) {
+  if (!k.active) return ["revoked", "critical"];
+  if (k.expires_at && k.expires_at * 1000 <= Date.now()) return ["expired", "warning"];
+  return ["active", "ok"];
 }
 
 function budgetMeter(b, k) {

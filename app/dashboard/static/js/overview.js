@@ -19,15 +19,11 @@ export async function overview(view, { query }) {
     api.get("/metrics/history", { hours, series: false }),
     api.get("/metrics/cache"),
   ]);
-  if (history.status === "rejected") {
-    clear(body, errorBanner(history.reason));
-    return;
-  }
+  if (history.status === "rejected") throw history.reason;
   const points = history.value.totals;
   stamp.textContent = `${points.length} points of ${history.value.interval_s} s · updated ${new Date().toLocaleTimeString()}`;
   clear(body, stats(points), charts(points), cache.status === "fulfilled" ? liveCache(cache.value) : errorBanner(cache.reason));
   drawCharts(body, points);
-  return { refreshS: 30 };
 }
 
 function sum(points, pick) {

@@ -27,7 +27,6 @@ export async function routes(view) {
     h("div", { class: "toolbar" }, h("h1", {}, "Routes"), h("span", { class: "spacer" }), h("span", { class: "muted" }, "quality from the last cycle run; breakers as this gateway replica sees them")),
     table(["Route", "Strategy", "Health", "Quality#", "Trend /h#", "Requests#", "Deployments (breaker, weight)", "Weights"], rows, { empty: "No routes configured." }),
   );
-  return { refreshS: 30 };
 }
 
 function trend(v) {
@@ -96,7 +95,6 @@ export async function routeDetail(view, { arg, query }) {
   );
   drawHistory(view, r, t);
   if (metrics.status === "fulfilled") drawTraffic(view, r, metrics.value);
-  return { refreshS: 60 };
 }
 
 function card(label, value) {
@@ -141,23 +139,27 @@ function drawHistory(root, r, t) {
 }
 
 function drawTraffic(root, r, history) {
-  const mine = history.series.filter((s) => s.route === r.name);
-  const stamps = [...new Set(mine.flatMap((s) => s.points.map((p) => p.bucket_start)))].sort();
+  // The x axis is every bucket of the window (the all-traffic points have no holes):
+  // a deployment's series only holds buckets it served, and a bucket it did not serve
+  // is 0 requests and no latency, not a line drawn across the gap.
+  const stamps = history.totals.map((p) => p.bucket_start);
   const xs = stamps.map(seconds);
-  const column = (s, pick) => {
+  const mine = history.series.filter((s) => s.route === r.name);
+  const column = (s, pick, absent) => {
     const at = new Map(s.points.map((p) => [p.bucket_start, p]));
-    return stamps.map((b) => (at.has(b) ? pick(at.get(b)) : null));
+    return stamps.map((b) => (at.has(b) ? pick(at.get(b)) : absent));
   };
   timeChart(root.querySelector("#chart-route-latency"), {
     title: "p95 latency per deployment",
     xs,
-    series: mine.map((s) => ({ label: s.deployment, values: column(s, (p) => p.latency_ms.p95), color: colour(r, s.deployment) })),
+    series: mine.map((s) => ({ label: s.deployment, values: column(s, (p) => p.latency_ms.p95, null), color: colour(r, s.deployment) })),
     yFmt: fmt.ms,
+    spanGaps: false,
   });
   timeChart(root.querySelector("#chart-route-traffic"), {
     title: "Requests/s per deployment",
     xs,
-    series: mine.map((s) => ({ label: s.deployment, values: column(s, (p) => p.requests / p.bucket_s), color: colour(r, s.deployment) })),
+    series: mine.map((s) => ({ label: s.deployment, values: column(s, (p) => p.requests / p.bucket_s, 0), color: colour(r, s.deployment) })),
     yFmt: fmt.num,
     fromZero: true,
   });
