@@ -85,5 +85,8 @@ class WorkerSettings:
     on_startup = on_startup
     on_shutdown = on_shutdown
     health_check_key = _settings.flywheel_redis_prefix + "worker:health"
+    # arq writes its health key every interval with as long an expiry; its default
+    # (an hour) lets `arq --check`, the compose healthcheck, call a dead worker healthy.
+    health_check_interval = 30
     max_jobs = 20
     job_timeout = 300

@@ -28,6 +28,20 @@ def test_every_setting_is_in_env_example() -> None:
     assert listed - fields == set()
 
 
+def test_every_setting_in_env_example_has_a_comment() -> None:
+    """Each variable sits under a comment: its own, or its paragraph's."""
+    uncommented, commented = [], False
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        stripped = line.strip()
+        if not stripped:
+            commented = False  # a blank line starts a new paragraph
+        elif stripped.startswith("#"):
+            commented = True
+        elif not commented:
+            uncommented.append(stripped.split("=", 1)[0])
+    assert uncommented == []
+
+
 def test_env_example_parses_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [f for f in Settings.model_fields if f.endswith("_api_key")]:
         monkeypatch.delenv(name.upper(), raising=False)
