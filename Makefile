@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench demo install dev migrate clean
+.PHONY: run test lint bench soak demo install dev migrate clean
 
 run: $(BASE_STAMP)
 	$(BIN)/flywheel run
@@ -24,6 +24,11 @@ lint: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(BIN)/python scripts/bench.py
+
+# Ten minutes of steady mixed load through real processes on loopback; prints a row a
+# minute and a memory verdict (not part of `make test`). SOAK_ARGS="--minutes 2 --rate 50".
+soak: $(DEV_STAMP)
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
 
 # The virtuous cycle on the gateway `make run` started (same FLYWHEEL_MASTER_KEY);
 # the dev extras bring the openai SDK it drives the gateway with.

@@ -45,7 +45,8 @@ def get(url: str) -> tuple[int, dict[str, str], str]:
         conn.close()
 
 
-def _stream_content(text: str) -> str:
+def stream_content(text: str) -> str:
+    """The content of an SSE chat stream; ValueError unless it ends with `[DONE]`."""
     events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
     if not events or events[-1] != "[DONE]":
         raise ValueError("the stream does not end with `data: [DONE]`")
@@ -79,7 +80,7 @@ def verify(
         if missing := [h for h in require_headers if h not in headers]:
             raise ValueError(f"no {', '.join(missing)} header in the answer")
         if body.stream:
-            content = _stream_content(text)
+            content = stream_content(text)
         else:
             content = json.loads(text)["choices"][0]["message"]["content"]
         if content != EXPECTED:

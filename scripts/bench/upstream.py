@@ -71,9 +71,12 @@ def _nginx_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
 
 
-def render_config(tmp: Path, port: int) -> str:
+def render_config(tmp: Path, port: int, extra_locations: str = "") -> str:
+    """The nginx config; `extra_locations` (server-level blocks, which may use the
+    @JSON_BODY@ and @SSE_BODY@ placeholders) are added before the catch-all."""
     text = TEMPLATE.read_text()
     for key, value in {
+        "@EXTRA_LOCATIONS@": extra_locations,  # first: its placeholders are filled next
         "@TMP@": str(tmp),
         "@PORT@": str(port),
         "@JSON_BODY@": _nginx_string(completion_body()),
@@ -89,12 +92,14 @@ def nginx_binary() -> str | None:
     )
 
 
-def start_nginx(procs: Processes, tmp: Path, nginx: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_nginx(
+    procs: Processes, tmp: Path, nginx: str, extra_locations: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
     """Write the config, start nginx in the foreground, wait until it answers."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(render_config(tmp, port))
+    conf.write_text(render_config(tmp, port, extra_locations))
     log = tmp / "nginx-stderr.log"
     # -e: the compiled-in error log (/var/log/nginx) is opened before the config is read.
     argv = [nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]

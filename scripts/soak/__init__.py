@@ -1,0 +1,1 @@
+"""`make soak`: the long steady load (scripts/soak.py) and its parts."""
