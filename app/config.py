@@ -199,6 +199,7 @@ class Settings(BaseSettings):
         "flywheel_master_key",
         "flywheel_config",
         "flywheel_snapshot_dir",
+        "flywheel_files_dir",
         "flywheel_auth",
         "otel_exporter_otlp_endpoint",
         "langsmith_api_key",

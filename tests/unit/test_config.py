@@ -58,7 +58,11 @@ def test_env_example_parses_as_settings(monkeypatch: pytest.MonkeyPatch) -> None
 def test_blank_values_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "  ")
     monkeypatch.setenv("FLYWHEEL_CONFIG", "")
+    # As .env.example has it: blank means the default under the var dir, not ".".
+    monkeypatch.setenv("FLYWHEEL_FILES_DIR", "")
     s = settings()
+    assert s.flywheel_files_dir is None
+    assert s.files_dir == s.flywheel_var_dir / "files"
     assert s.openai_api_key is None
     assert s.routes_path is None or s.routes_path.is_file()
     assert s.provider_key("OPENAI_API_KEY") is None
