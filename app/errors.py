@@ -202,6 +202,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     err: GatewayError
     if exc.status_code == 404:
         err = NotFoundError(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 413:
+        err = PayloadTooLargeError(str(exc.detail))
     elif exc.status_code == 405:
         err = InvalidRequestError(
             f"method {request.method} not allowed on {request.url.path}",

@@ -37,7 +37,7 @@ from app.api import (
     routes_admin,
 )
 from app.api.fastpath import Gateway
-from app.api.middleware import RequestIdMiddleware
+from app.api.middleware import RequestGuard, RequestIdMiddleware
 from app.config import Settings, pii_kinds
 from app.errors import install_error_handlers
 from app.observability.redact import Redactors
@@ -79,6 +79,45 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+# Every error the gateway answers with (app.errors), whatever its status.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+
+
+def _document_errors(schema: dict[str, Any], components: dict[str, Any]) -> None:
+    """FastAPI documents a 422 with its own `detail` body for validation errors, which
+    the gateway never sends (they are 400s, app.errors): every operation documents
+    instead that its errors, at any status, are OpenAI-shaped."""
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["ErrorResponse"] = ERROR_SCHEMA
+    error = {
+        "description": "An error, OpenAI-shaped (400 for bad input, 401, 403, 404, 413, "
+        "429, 502/503/504 for upstream trouble)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["default"] = error
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -87,6 +126,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        _document_errors(schema, components)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -137,6 +177,10 @@ def create_app(
         routes_admin,
     ):
         app.include_router(module.router)
+    # Added first, so inside the request ids: its refusals carry one too.
+    app.add_middleware(
+        RequestGuard, max_body=settings.flywheel_max_body_bytes, exempt=frozenset({"/v1/files"})
+    )
     app.add_middleware(RequestIdMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

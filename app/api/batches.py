@@ -22,6 +22,7 @@ from app.api.cycle import read_db
 from app.api.files import visible_file
 from app.deps import CallerDep, StateDep
 from app.errors import InvalidRequestError, NotFoundError
+from app.schemas.storable import storable_json
 from app.state import AppState
 from app.store.batches import (
     UNCANCELLABLE,
@@ -73,6 +74,7 @@ class BatchCreate(BaseModel):
                 raise ValueError(f"keys are at most {MAX_KEY} characters")
             if any(len(v) > MAX_VALUE for v in value.values()):
                 raise ValueError(f"values are at most {MAX_VALUE} characters")
+            storable_json(value)
         return value
 
 

@@ -18,6 +18,10 @@ from starlette.types import Receive
 from app.errors import InvalidRequestError, PayloadTooLargeError, validation_error
 
 T = TypeVar("T")
+# orjson parses 1024 levels but writes only 254, and a body is written again to go
+# upstream (translated into another provider's shape, a few levels deeper), hashed for
+# the cache and kept for the records: past this, it is the client's 400, not a 500.
+MAX_DEPTH = 200
 
 
 # Reads the whole body, failing with 413 past the given limit.
@@ -86,13 +90,40 @@ async def read_json_object(read: BodyReader, declared: str | None, limit: int) -
         ) from e
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+    # Counting brackets is cheap, and bounds the nesting: only a body with more of them
+    # than the limit needs its depth measured.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise InvalidRequestError(
+            f"the JSON body is nested more than {MAX_DEPTH} levels deep", code="invalid_json"
+        )
     return body
 
 
-def openapi_body(schema: str) -> dict[str, Any]:
-    """`openapi_extra` for a handler that reads its body itself: the docs still show it."""
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:  # not recursive: the nesting is as deep as the client made it
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        inner = item.values() if isinstance(item, dict) else item
+        pending.extend((v, depth + 1) for v in inner if isinstance(v, dict | list))
+    return False
+
+
+def openapi_body(schema: str, stream: bool = False) -> dict[str, Any]:
+    """`openapi_extra` for a handler that reads its body itself: the docs still show it
+    (and, for one that can stream, that its answer may be server-sent events)."""
     ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    extra: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}
+    }
+    if stream:
+        content: dict[str, Any] = {
+            "application/json": {"schema": {}},
+            "text/event-stream": {"schema": {}},
+        }
+        extra["responses"] = {"200": {"description": "Successful Response", "content": content}}
+    return extra
 
 
 def validate(adapter: TypeAdapter[T], body: dict[str, Any]) -> T:

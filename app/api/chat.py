@@ -229,6 +229,8 @@ async def _stream(
     return EventStream(body, exchange.headers(), abandon)
 
 
-@router.post(PATH, openapi_extra=openapi_body("ChatCompletionRequest"), tags=["openai"])
+@router.post(
+    PATH, openapi_extra=openapi_body("ChatCompletionRequest", stream=True), tags=["openai"]
+)
 async def chat_completions(request: Request, state: StateDep) -> Response:
     return await handle(state, request_id(request), request_body(request), request.headers)

@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import RedisError
 
 from app.api.cycle import read_db
 from app.cycle.variants import BASELINE, VariantArm
 from app.deps import AdminDep, StateDep
 from app.errors import InvalidRequestError, NotFoundError
+from app.schemas.storable import StorableText, storable_json
 from app.state import AppState
 from app.store.db import DB_ERRORS
 from app.store.experiments import (
@@ -56,10 +57,12 @@ class Conflict(InvalidRequestError):
 class VariantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    route: str = Field(min_length=1, max_length=128)
-    name: str = Field(min_length=1, max_length=200)
-    system_prompt: str | None = Field(default=None, max_length=MAX_PROMPT)
-    params: dict[str, float | int] = Field(default_factory=dict)
+    route: StorableText = Field(min_length=1, max_length=128)
+    name: StorableText = Field(min_length=1, max_length=200)
+    system_prompt: StorableText | None = Field(default=None, max_length=MAX_PROMPT)
+    params: Annotated[dict[str, float | int], AfterValidator(storable_json)] = Field(
+        default_factory=dict
+    )
 
     @model_validator(mode="after")
     def _changes_something(self) -> VariantCreate:
@@ -71,8 +74,8 @@ class VariantCreate(BaseModel):
 class ExperimentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    route: str = Field(min_length=1, max_length=128)
-    variants: list[str] = Field(min_length=1, max_length=10)
+    route: StorableText = Field(min_length=1, max_length=128)
+    variants: list[StorableText] = Field(min_length=1, max_length=10)
     # The share of traffic the variants get together (split evenly); the rest stays on
     # the baseline.
     traffic_share: float = Field(default=0.5, gt=0, lt=1)

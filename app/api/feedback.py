@@ -27,6 +27,7 @@ from app.api.auth import authenticate
 from app.api.body import read_json_object, request_body, validate
 from app.deps import StateDep
 from app.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from app.schemas.storable import StorableText
 from app.state import AppState
 from app.store.owners import OwnerCheck, Verdict
 from app.store.records import FeedbackRecord
@@ -40,10 +41,10 @@ MAX_BODY = 64 * 1024
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Annotated[str, Field(min_length=1, max_length=64, description="the answer's `id`")]
+    id: Annotated[StorableText, Field(min_length=1, max_length=64, description="the answer's `id`")]
     score: Annotated[float | None, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = None
     thumbs: Literal["up", "down"] | None = None
-    comment: Annotated[str | None, Field(max_length=MAX_COMMENT)] = None
+    comment: Annotated[StorableText | None, Field(max_length=MAX_COMMENT)] = None
 
     def value(self) -> float:
         """The score given, a thumb up being 1 and down 0; exactly one of them."""

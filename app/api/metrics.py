@@ -76,7 +76,12 @@ def _unauthorized(code: str) -> AuthenticationError:
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_metrics_token)])
 
 
-@router.get("/metrics")
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 async def metrics(state: StateDep) -> Response:
     registry = state.metrics
     if isinstance(registry, GatewayMetrics):

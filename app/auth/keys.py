@@ -11,17 +11,19 @@ import functools
 import hashlib
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from app.schemas.storable import StorableText, storable_json, storable_time
 from app.store.schema import ApiKey
 
 SECRET_PREFIX = "fw-"  # noqa: S105 - a marker that makes leaked keys findable, not a secret
 DISPLAY_CHARS = 10
 Period = Literal["day", "week", "month", "total"]
+INT32_MAX = 2**31 - 1
 
 
 def new_secret() -> str:
@@ -40,18 +42,19 @@ class KeyLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    allowed_routes: list[str] | None = None
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    budget_usd: float | None = Field(default=None, ge=0)
+    name: StorableText | None = Field(default=None, min_length=1, max_length=200)
+    allowed_routes: list[StorableText] | None = None
+    # The database stores them in 32-bit integer columns.
+    rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    budget_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     budget_period: Period | None = None
-    expires_at: datetime | None = None
-    metadata: dict[str, Any] | None = None
+    expires_at: Annotated[datetime | None, AfterValidator(storable_time)] = None
+    metadata: Annotated[dict[str, Any] | None, AfterValidator(storable_json)] = None
 
 
 class KeyCreate(KeyLimits):
-    name: str = Field(min_length=1, max_length=200)
+    name: StorableText = Field(min_length=1, max_length=200)
 
 
 def key_json(row: ApiKey) -> dict[str, Any]:

@@ -11,6 +11,7 @@ on the bytes received, and on the file part itself; whichever is crossed first i
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ FORM_OVERHEAD = 64 * 1024  # the other fields, part headers and boundaries, at m
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS = 16
 FEED_BYTES = 1024 * 1024  # received bytes handed to the parser per thread hop
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -105,7 +107,9 @@ class _Form:
             raise _bad("Send one file per upload.", FILE_FIELD)
         # Some clients send the whole client-side path; only its last part is a name.
         name = options[b"filename"].decode("utf-8", "replace").replace("\\", "/")
-        self.filename = name.rsplit("/", 1)[-1][:256] or "file"
+        # Control characters have no business in a name (and PostgreSQL stores no NUL).
+        name = _CONTROL.sub("_", name.rsplit("/", 1)[-1])
+        self.filename = name[:256] or "file"
         self._in_file = True
 
     def part_data(self, data: bytes, start: int, end: int) -> None:

@@ -58,7 +58,9 @@ def example_for(schema: Any, rng: random.Random, depth: int = 0) -> Any:
     """A small instance of a JSON schema: enough for structured-output demos."""
     if not isinstance(schema, dict) or depth > 6:
         return "value"
-    if schema.get("enum"):
+    # A client's schema may be anything of the right outer shape: a keyword of the wrong
+    # type is skipped, never a crash.
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
         return schema["enum"][0]
     if "const" in schema:
         return schema["const"]
@@ -69,7 +71,9 @@ def example_for(schema: Any, rng: random.Random, depth: int = 0) -> Any:
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        props = schema.get("properties", {})
+        props = schema.get("properties")
+        if not isinstance(props, dict):
+            return {}
         return {k: example_for(v, rng, depth + 1) for k, v in props.items()}
     if kind == "array":
         return [example_for(schema.get("items", {}), rng, depth + 1)]

@@ -114,13 +114,17 @@ async def test_only_the_last_minute_counts_and_nothing_is_deleted(gw: Served) ->
     key_id = made["id"]
     redis: Redis = gw.state.redis
     req, _, usd = limit_keys(gw.state.settings.flywheel_redis_prefix, key_id, "total")
-    now_sec = int((await redis.time())[0])
-    # A bucket from two minutes ago (the reserve script prunes only when it runs), the
-    # oldest second still in the window, and the current one.
-    old = {now_sec - 120: 7, now_sec - 59: 2, now_sec: 1}
-    await redis.hset(req, mapping=old)  # type: ignore[misc]
     await redis.set(usd, 1_500_000_000)
-    usage = (await admin_get(gw, f"/admin/keys/{key_id}", usage="true")).json()["usage"]
+    for _ in range(5):  # the window moves each second: read within the second it was set
+        now_sec = int((await redis.time())[0])
+        # A bucket from two minutes ago (the reserve script prunes only when it runs),
+        # the oldest second still in the window, and the current one.
+        old = {now_sec - 120: 7, now_sec - 59: 2, now_sec: 1}
+        await redis.delete(req)
+        await redis.hset(req, mapping=old)  # type: ignore[misc]
+        usage = (await admin_get(gw, f"/admin/keys/{key_id}", usage="true")).json()["usage"]
+        if int((await redis.time())[0]) == now_sec:
+            break
     assert usage["requests_per_min"] == {"used": 3, "limit": 10}
     assert usage["budget"] == {
         "spent_usd": 1.5,

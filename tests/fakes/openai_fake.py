@@ -71,11 +71,15 @@ def answer_text(body: dict[str, Any], kind: str = "") -> str:
     fmt = (body.get("response_format") or {}).get("type")
     if fmt == "json_schema":
         props = body["response_format"]["json_schema"].get("schema", {}).get("properties", {})
+        if not isinstance(props, dict):
+            props = {}  # not a schema; the answer need not match it
         string = "x" if kind != "off-schema" else 1
         other = 1 if kind != "off-schema" else "x"
-        return json.dumps(
-            {k: (string if v.get("type") == "string" else other) for k, v in props.items()}
-        )
+
+        def typed(v: Any) -> Any:
+            return string if isinstance(v, dict) and v.get("type") == "string" else other
+
+        return json.dumps({k: typed(v) for k, v in props.items()})
     if fmt == "json_object":
         return json.dumps({"answer": _last_text(body)})
     return f"Echo: {_last_text(body)}"
