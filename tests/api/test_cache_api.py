@@ -37,6 +37,9 @@ def cache_routes(base: str) -> Any:
     return routes_for(
         cached=openai_route(base) | on,
         slow=openai_route(base, "slow-300") | on,
+        # Long enough that a loaded machine still sends the other replica's requests
+        # while the fill is in flight (300 ms was not, once, in a busy CI run).
+        slower=openai_route(base, "slow-1500") | on,
         truncated=openai_route(base, "length") | on,
         truncated_ok=openai_route(base, "length")
         | {"cache": {"mode": "on", "store_truncated": True}},
@@ -281,10 +284,10 @@ async def test_replicas_share_one_fill(
         Served(create_app(cache_settings(), routes)) as one,
         Served(create_app(cache_settings(), routes)) as two,
     ):
-        first = asyncio.create_task(post(one, body(m, model="slow")))
+        first = asyncio.create_task(post(one, body(m, model="slower")))
         await asyncio.sleep(0.1)  # `one` holds the fill lock and is waiting on the upstream
         # On `two`, one request waits for `one`'s answer and the rest wait for it.
-        others = await asyncio.gather(*(post(two, body(m, model="slow")) for _ in range(5)))
+        others = await asyncio.gather(*(post(two, body(m, model="slower")) for _ in range(5)))
         assert (await first).headers["x-flywheel-cache"] == "miss"
         tiers = sorted(r.headers["x-flywheel-cache"] for r in others)
         assert tiers == ["hit-l1"] * 4 + ["hit-l2"]
