@@ -17,13 +17,15 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
 from sqlalchemy import ColumnElement, and_, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.store.cycle_runs import iso
+from app.store.metrics_history import as_utc
 from app.store.rows import BODIES, FEEDBACK, REQUESTS
 from app.store.schema import Feedback, RequestBody, RequestRow
 
@@ -99,7 +101,7 @@ class LogFilter:
             at = getattr(self, name)
             if at is not None:
                 try:
-                    utc(at)
+                    as_utc(at)
                 except OverflowError as e:  # 0001-01-01T00:00+14:00 has no UTC time
                     raise LogQueryError(name, f"{name} is out of range") from e
 
@@ -113,9 +115,9 @@ class LogFilter:
             # A key's requests are its tenant's: ix_requests_tenant_created_at serves them.
             terms.append(r.tenant == f"key:{self.key_id}")
         if self.since is not None:
-            terms.append(r.created_at >= utc(self.since))
+            terms.append(r.created_at >= as_utc(self.since))
         if self.until is not None:
-            terms.append(r.created_at < utc(self.until))
+            terms.append(r.created_at < as_utc(self.until))
         return terms
 
     def residual(self) -> list[ColumnElement[bool]]:
@@ -147,11 +149,6 @@ class LogPage:
     has_more: bool
     next_cursor: str | None
     scanned_to: datetime | None  # where the next page goes on from; None: the end
-
-
-def utc(at: datetime) -> datetime:
-    """Aware, in UTC: SQLite keeps the wall clock only, and every stored one is UTC."""
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def status_term(spec: str) -> ColumnElement[bool]:
@@ -186,7 +183,7 @@ def quality_term(quality: str | None, below: float | None) -> ColumnElement[bool
 
 
 def encode_cursor(at: Position) -> str:
-    text = f"{utc(at[0]).isoformat(timespec='microseconds')}|{at[1]}"
+    text = f"{as_utc(at[0]).isoformat(timespec='microseconds')}|{at[1]}"
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
@@ -198,7 +195,7 @@ def decode_cursor(cursor: str) -> Position:
         parsed = datetime.fromisoformat(when)
         if not sep or parsed.tzinfo is None or not _ID.match(rid):
             raise ValueError("not a cursor")
-        return utc(parsed), rid  # OverflowError for a time with no UTC equivalent
+        return as_utc(parsed), rid  # OverflowError for a time with no UTC equivalent
     except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError) as e:
         raise LogQueryError("cursor", "cursor is not one this endpoint gave out") from e
 
@@ -240,7 +237,7 @@ async def _boundary(conn: AsyncConnection, where: list[ColumnElement[bool]]) -> 
     query = select(r.created_at, r.id).where(*where).order_by(*NEWEST_FIRST)
     # OFFSET within the bound only: the index is walked SCAN_ROWS rows, never further.
     found = (await conn.execute(query.offset(SCAN_ROWS - 1).limit(2))).all()
-    return (utc(found[0][0]), str(found[0][1])) if len(found) == 2 else None
+    return (as_utc(found[0][0]), str(found[0][1])) if len(found) == 2 else None
 
 
 async def list_requests(
@@ -264,7 +261,7 @@ async def list_requests(
     data = [brief_json(dict(row)) for row in rows[:limit]]
     last: Position | None = None
     if len(rows) > limit:
-        last = (utc(rows[limit - 1]["created_at"]), str(rows[limit - 1]["id"]))
+        last = (as_utc(rows[limit - 1]["created_at"]), str(rows[limit - 1]["id"]))
     elif bound is not None:
         last = bound
     if last is None:
@@ -272,14 +269,10 @@ async def list_requests(
     return LogPage(data, True, encode_cursor(last), last[0])
 
 
-def _iso(at: datetime | None) -> str | None:
-    return None if at is None else utc(at).isoformat()
-
-
 def brief_json(row: dict[str, Any]) -> dict[str, Any]:
     """A request as the log lists it."""
     out = {name: row[name] for name in BRIEF}
-    out["created_at"] = _iso(row["created_at"])
+    out["created_at"] = iso(row["created_at"])
     return {"id": out.pop("id"), "object": "request.record", **out}
 
 
@@ -307,7 +300,7 @@ async def get_request(engine: AsyncEngine, request_id: str, now: datetime) -> di
         body = (
             (
                 await conn.execute(
-                    select(BODIES).where(b.request_id == request_id, b.expires_at > utc(now))
+                    select(BODIES).where(b.request_id == request_id, b.expires_at > as_utc(now))
                 )
             )
             .mappings()
@@ -330,8 +323,8 @@ def _body_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "request": _parsed(row["request"]),
         "response": _parsed(row["response"]),
-        "created_at": _iso(row["created_at"]),
-        "expires_at": _iso(row["expires_at"]),
+        "created_at": iso(row["created_at"]),
+        "expires_at": iso(row["expires_at"]),
     }
 
 
@@ -349,6 +342,6 @@ def _feedback_json(row: dict[str, Any]) -> dict[str, Any]:
         "tenant": _from(row["tenant"]),
         "score": row["score"],
         "comment": row["comment"],
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +23,7 @@ from app.ratelimit.periods import period_of
 from app.ratelimit.redis_window import limit_keys
 from tests.api.test_limits_api import chat
 from tests.conftest import Served, create_key, openai_route, routes_for
+from tests.e2e.conftest import free_port
 from tests.fakes.server import FakeServer
 
 MASTER = "sk-master-usage-0123456789"
@@ -150,9 +150,7 @@ async def test_answers_without_usage_are_unchanged(gw: Served) -> None:
 async def test_redis_down_is_usage_null_not_an_error(
     make_settings: Callable[..., Settings], openai_upstream: FakeServer
 ) -> None:
-    with socket.socket() as s:  # a port nothing listens on: Redis is "down" throughout
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # a port nothing listens on: Redis is "down" throughout
     settings = make_settings(
         flywheel_master_key=MASTER,
         flywheel_auth="required",

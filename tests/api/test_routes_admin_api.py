@@ -9,7 +9,6 @@ test stores are removed after it.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from app.store.cycle_runs import finish_run, start_run
 from app.store.schema import CycleRun
 from tests.api.test_chat_api import assert_openai_error
 from tests.conftest import Served, create_key, routes_for
+from tests.e2e.conftest import free_port
 
 MASTER = "sk-master-routes-admin-0123456789"
 ADMIN = {"authorization": f"Bearer {MASTER}"}
@@ -357,20 +357,14 @@ async def test_unknown_route_is_a_404(rig: Rig) -> None:
         assert error["code"] == "route_not_found"
 
 
-def dead_port() -> int:
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 async def test_redis_down_keeps_the_configured_weights(
     make_settings: Callable[..., Settings],
 ) -> None:
     routes = spec(uuid.uuid4().hex[:8])
     adaptive = next(iter(routes))
     settings = make_settings(
-        flywheel_master_key=MASTER, redis_url=f"redis://127.0.0.1:{dead_port()}/0"
+        flywheel_master_key=MASTER,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
     )
     async with (
         Served(create_app(settings, routes_for(**routes))) as gw,

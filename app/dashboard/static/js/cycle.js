@@ -1,7 +1,7 @@
 // The virtuous cycle: its status, runs (findings, actions, outcomes), experiments, and a
 // button that queues a run and follows it until it shows in the runs.
 import { api } from "./api.js";
-import { badge, clear, errorBanner, fmt, h, kv, table } from "./dom.js";
+import { badge, clear, errorBanner, fmt, h, kv, statCard, table } from "./dom.js";
 
 const POLL_MS = 2000;
 const FOLLOW_MS = 180_000;
@@ -22,11 +22,11 @@ export async function cycle(view, context) {
     h(
       "div",
       { class: "cards" },
-      stat("Policy", status.policy),
-      stat("Last completed run", fmt.ago(status.last_run?.finished_at)),
-      stat("Latest run", status.latest_run ? status.latest_run.status : "none yet"),
-      stat("Running job", status.running_job ?? "none"),
-      stat("Next scheduled run", status.next_run_at ? fmt.time(status.next_run_at) : "–"),
+      statCard("Policy", status.policy),
+      statCard("Last completed run", fmt.ago(status.last_run?.finished_at)),
+      statCard("Latest run", status.latest_run ? status.latest_run.status : "none yet"),
+      statCard("Running job", status.running_job ?? "none"),
+      statCard("Next scheduled run", status.next_run_at ? fmt.time(status.next_run_at) : "–"),
     ),
     h("h2", {}, "Runs"),
     runsBox,
@@ -34,10 +34,6 @@ export async function cycle(view, context) {
     experimentTable(experiments.data, status.routes),
   );
   showRuns(runsBox, runs.data);
-}
-
-function stat(label, value) {
-  return h("div", { class: "card stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value ?? "–"));
 }
 
 async function trigger(button, note, runsBox, context) {

@@ -41,6 +41,24 @@ export function table(headers, rows, { empty = "Nothing yet." } = {}) {
   return h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, head), h("tbody", {}, body)));
 }
 
+export function statCard(label, value, id = null) {
+  return h("div", { class: "card stat", id }, h("div", { class: "label" }, label), h("div", { class: "value" }, value ?? "–"));
+}
+
+// The windows a page can show (hours, as /metrics/history takes them) and the chosen one.
+const RANGES = [1, 6, 24];
+
+export function chosenHours(query, fallback) {
+  const asked = Number(query.get("hours"));
+  return RANGES.includes(asked) ? asked : fallback;
+}
+
+export function rangeButtons(base, hours) {
+  return RANGES.map((n) =>
+    h("a", { href: `${base}?hours=${n}` }, h("button", { type: "button", class: n === hours ? "selected" : "" }, `${n} h`)),
+  );
+}
+
 export function kv(pairs) {
   return h("dl", { class: "kv" }, pairs.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v ?? "–")]));
 }

@@ -2,15 +2,11 @@
 // /metrics/history (all-traffic points only), and this process's cache from /metrics/cache.
 import { api } from "./api.js";
 import { timeChart, seconds } from "./charts.js";
-import { clear, errorBanner, fmt, h } from "./dom.js";
-
-const RANGES = [1, 6, 24];
+import { chosenHours, clear, errorBanner, fmt, h, rangeButtons, statCard } from "./dom.js";
 
 export async function overview(view, { query }) {
-  const hours = RANGES.includes(Number(query.get("hours"))) ? Number(query.get("hours")) : 1;
-  const buttons = RANGES.map((n) =>
-    h("a", { href: `#/overview?hours=${n}` }, h("button", { class: n === hours ? "selected" : "", type: "button" }, `${n} h`)),
-  );
+  const hours = chosenHours(query, 1);
+  const buttons = rangeButtons("#/overview", hours);
   const stamp = h("span", { class: "muted" });
   const body = h("div");
   clear(view, h("div", { class: "toolbar" }, h("h1", {}, "Overview"), h("span", { class: "spacer" }), ...buttons, stamp), body);
@@ -42,20 +38,19 @@ function stats(points) {
   const lookups = sum(points, (p) => p.cache.hits_l1 + p.cache.hits_l2 + p.cache.misses);
   const l2Lookups = sum(points, (p) => p.cache.hits_l2 + p.cache.misses);
   const qn = sum(points, (p) => p.quality.count);
-  const card = (label, value, id) => h("div", { class: "card stat", id }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
   return h(
     "div",
     { class: "cards" },
-    card("Requests/s", fmt.num(requests / span), "stat-rps"),
-    card("Requests", fmt.int(requests), "stat-requests"),
-    card("Error rate", fmt.pct(requests ? sum(points, (p) => p.errors) / requests : null), "stat-errors"),
-    card("Latency p50", fmt.ms(weighted(points, (p) => p.latency_ms.p50)), "stat-p50"),
-    card("Latency p95", fmt.ms(weighted(points, (p) => p.latency_ms.p95)), "stat-p95"),
-    card("Cost", fmt.usd(sum(points, (p) => p.cost)), "stat-cost"),
-    card("Tokens", fmt.int(sum(points, (p) => p.prompt_tokens + p.completion_tokens)), "stat-tokens"),
-    card("Cache hit L1", fmt.pct(lookups ? sum(points, (p) => p.cache.hits_l1) / lookups : null), "stat-l1"),
-    card("Cache hit L2", fmt.pct(l2Lookups ? sum(points, (p) => p.cache.hits_l2) / l2Lookups : null), "stat-l2"),
-    card("Quality", fmt.q(qn ? sum(points, (p) => (p.quality.mean ?? 0) * p.quality.count) / qn : null), "stat-quality"),
+    statCard("Requests/s", fmt.num(requests / span), "stat-rps"),
+    statCard("Requests", fmt.int(requests), "stat-requests"),
+    statCard("Error rate", fmt.pct(requests ? sum(points, (p) => p.errors) / requests : null), "stat-errors"),
+    statCard("Latency p50", fmt.ms(weighted(points, (p) => p.latency_ms.p50)), "stat-p50"),
+    statCard("Latency p95", fmt.ms(weighted(points, (p) => p.latency_ms.p95)), "stat-p95"),
+    statCard("Cost", fmt.usd(sum(points, (p) => p.cost)), "stat-cost"),
+    statCard("Tokens", fmt.int(sum(points, (p) => p.prompt_tokens + p.completion_tokens)), "stat-tokens"),
+    statCard("Cache hit L1", fmt.pct(lookups ? sum(points, (p) => p.cache.hits_l1) / lookups : null), "stat-l1"),
+    statCard("Cache hit L2", fmt.pct(l2Lookups ? sum(points, (p) => p.cache.hits_l2) / l2Lookups : null), "stat-l2"),
+    statCard("Quality", fmt.q(qn ? sum(points, (p) => (p.quality.mean ?? 0) * p.quality.count) / qn : null), "stat-quality"),
   );
 }
 
@@ -133,7 +128,6 @@ function drawCharts(root, points) {
 }
 
 function liveCache(snapshot) {
-  const tier = (name, t) =>
-    h("div", { class: "card stat" }, h("div", { class: "label" }, `${name} hit rate (this process)`), h("div", { class: "value" }, fmt.pct(t.hit_rate ?? null)));
-  return h("div", {}, h("h2", {}, "Cache now"), h("div", { class: "cards" }, tier("L1", snapshot.l1), tier("L2", snapshot.l2), h("div", { class: "card stat" }, h("div", { class: "label" }, "L1 entries"), h("div", { class: "value" }, fmt.int(snapshot.l1.entries)))));
+  const tier = (name, t) => statCard(`${name} hit rate (this process)`, fmt.pct(t.hit_rate ?? null));
+  return h("div", {}, h("h2", {}, "Cache now"), h("div", { class: "cards" }, tier("L1", snapshot.l1), tier("L2", snapshot.l2), statCard("L1 entries", fmt.int(snapshot.l1.entries))));
 }

@@ -2,9 +2,7 @@
 // weights and quality over time (cycle runs) and per-deployment traffic (metrics history).
 import { api } from "./api.js";
 import { seconds, timeChart } from "./charts.js";
-import { badge, clear, errorBanner, fmt, h, table } from "./dom.js";
-
-const RANGES = [1, 6, 24];
+import { badge, chosenHours, clear, errorBanner, fmt, h, rangeButtons, statCard, table } from "./dom.js";
 
 export async function routes(view) {
   const { data } = await api.get("/admin/routes");
@@ -45,7 +43,7 @@ function weightOf(route, d) {
 }
 
 export async function routeDetail(view, { arg, query }) {
-  const hours = RANGES.includes(Number(query.get("hours"))) ? Number(query.get("hours")) : 24;
+  const hours = chosenHours(query, 24);
   const name = arg;
   const [route, metrics] = await Promise.allSettled([
     api.get(`/admin/routes/${encodeURIComponent(name)}`, { hours }),
@@ -53,9 +51,7 @@ export async function routeDetail(view, { arg, query }) {
   ]);
   if (route.status === "rejected") throw route.reason;
   const r = route.value;
-  const buttons = RANGES.map((n) =>
-    h("a", { href: `#/routes/${encodeURIComponent(name)}?hours=${n}` }, h("button", { type: "button", class: n === hours ? "selected" : "" }, `${n} h`)),
-  );
+  const buttons = rangeButtons(`#/routes/${encodeURIComponent(name)}`, hours);
   const t = r.thresholds ?? {};
   const deployments = r.deployments.map((d) =>
     h(
@@ -78,14 +74,14 @@ export async function routeDetail(view, { arg, query }) {
     h(
       "div",
       { class: "cards" },
-      card("Strategy", r.strategy),
-      card("Quality", fmt.q(r.quality)),
-      card("Trend /h", trend(r.trend_per_h)),
-      card("Thresholds", `${fmt.q(t.critical)} / ${fmt.q(t.warning)} / ${fmt.q(t.target)}`),
-      card("Requests (last run)", fmt.int(r.requests)),
-      card("Error rate", fmt.pct(r.error_rate)),
-      card("p95 latency", fmt.ms(r.p95_latency_ms)),
-      card("Cost / request", fmt.usd(r.cost_per_request)),
+      statCard("Strategy", r.strategy),
+      statCard("Quality", fmt.q(r.quality)),
+      statCard("Trend /h", trend(r.trend_per_h)),
+      statCard("Thresholds", `${fmt.q(t.critical)} / ${fmt.q(t.warning)} / ${fmt.q(t.target)}`),
+      statCard("Requests (last run)", fmt.int(r.requests)),
+      statCard("Error rate", fmt.pct(r.error_rate)),
+      statCard("p95 latency", fmt.ms(r.p95_latency_ms)),
+      statCard("Cost / request", fmt.usd(r.cost_per_request)),
     ),
     h("h2", {}, "Deployments"),
     table(["Deployment", "Provider · model", "Breaker", "Config weight#", "Live weight#", "Priority#", "Concurrency#", "Latency EWMA#", ""], deployments),
@@ -95,10 +91,6 @@ export async function routeDetail(view, { arg, query }) {
   );
   drawHistory(view, r, t);
   if (metrics.status === "fulfilled") drawTraffic(view, r, metrics.value);
-}
-
-function card(label, value) {
-  return h("div", { class: "card stat" }, h("div", { class: "label" }, label), h("div", { class: "value" }, value));
 }
 
 function concurrency(c) {
