@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import socket
 import uuid
@@ -35,6 +36,8 @@ from tests.fakes.openai_fake import openai_fake
 from tests.fakes.server import FakeServer
 
 PG_ADMIN = "postgresql://127.0.0.1:5432/test"
+# How long a served test gateway may take to stop (it drains, flushes and closes).
+SHUTDOWN_S = 30.0
 
 
 def _tcp_open(host: str, port: int) -> bool:
@@ -99,21 +102,37 @@ def _postgres_database() -> tuple[str, Callable[[], None]] | None:
     )
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database(directory: Path) -> Iterator[str]:
+    """A new, migrated database: PostgreSQL when the session uses it (dropped after),
+    else SQLite in `directory`."""
     pg = _postgres_database()
     if pg is not None:
         url, drop = pg
-        migrate(Settings(database_url=url, _env_file=None).database_dsn)  # type: ignore[call-arg]
+        migrate(normalise_database_url(url))
         try:
             yield url
         finally:
             drop()
         return
-    path = tmp_path_factory.mktemp("db") / "flywheel.db"
-    url = f"sqlite+aiosqlite:///{path}"
+    url = f"sqlite+aiosqlite:///{directory / 'flywheel.db'}"
     migrate(url)
     yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with fresh_database(tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def own_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database of the module's own, for processes whose workers aggregate or act on
+    everything in their database (metrics history, cycle runs): what other tests wrote
+    into the session's must not move their figures, nor theirs other tests'."""
+    with fresh_database(tmp_path_factory.mktemp("owndb")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -211,11 +230,21 @@ class Served:
             )
         )
         self._task: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
 
     @property
     def url(self) -> str:
         sock = self.server.servers[0].sockets[0]
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """One keep-alive client to this gateway, closed with it: a new httpx client
+        loads the CA bundle (~30 ms of CPU), which a test sending a hundred requests
+        through fresh clients paid a hundred times over."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=20)
+        return self._client
 
     @property
     def state(self) -> Any:
@@ -230,9 +259,25 @@ class Served:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.aclose()
         self.server.should_exit = True
         if self._task is not None:
-            await self._task
+            # Bounded, and saying where it stuck: a shutdown that hangs would otherwise
+            # only show as the test's timeout.
+            done, _ = await asyncio.wait({self._task}, timeout=SHUTDOWN_S)
+            if not done:
+                stuck = "".join(_stacks())
+                raise AssertionError(f"the gateway did not stop in {SHUTDOWN_S} s:\n{stuck}")
+            self._task.result()
+
+
+def _stacks() -> Iterator[str]:
+    """Where each of the loop's tasks is waiting."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=8, file=out)
+        yield out.getvalue()
 
 
 @pytest.fixture

@@ -66,11 +66,10 @@ def calls(fake: FakeServer, marker: str) -> int:
 
 
 async def post(gw: Served, payload: Any, **headers: str) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-        if isinstance(payload, bytes):
-            headers.setdefault("content-type", "application/json")
-            return await client.post("/v1/chat/completions", content=payload, headers=headers)
-        return await client.post("/v1/chat/completions", json=payload, headers=headers)
+    if isinstance(payload, bytes):
+        headers.setdefault("content-type", "application/json")
+        return await gw.client.post("/v1/chat/completions", content=payload, headers=headers)
+    return await gw.client.post("/v1/chat/completions", json=payload, headers=headers)
 
 
 @pytest.fixture

@@ -42,13 +42,12 @@ def chat_body(model: str = "gpt-fake", **extra: Any) -> dict[str, Any]:
 
 
 async def post(gw: Served, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        content = body if isinstance(body, bytes) else orjson.dumps(body)
-        return await client.post(
-            "/v1/chat/completions",
-            content=content,
-            headers={"content-type": "application/json", **(headers or {})},
-        )
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return await gw.client.post(
+        "/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 def assert_openai_error(resp: httpx.Response, status: int, type_: str) -> dict[str, Any]:

@@ -43,11 +43,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.cli import migrate
-from app.config import Settings, normalise_database_url
+from app.config import Settings
 from app.main import create_app
 from app.routing.config import RoutesFile
-from tests.conftest import _postgres_database, openai_route, routes_for
+from tests.conftest import openai_route, routes_for
 from tests.fakes.openai_fake import openai_fake
 from tests.fakes.server import FakeServer
 
@@ -126,32 +125,15 @@ def _settings(**values: Any) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def fuzz_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database of the fuzzer's own (PostgreSQL when the session uses it, else SQLite)."""
-    pg = _postgres_database()
-    if pg is not None:
-        url, drop = pg
-        migrate(normalise_database_url(url))
-        try:
-            yield url
-        finally:
-            drop()
-        return
-    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fuzzdb') / 'flywheel.db'}"
-    migrate(url)
-    yield url
-
-
-@pytest.fixture(scope="module")
 def fuzz_gateway(
     redis_url: str,
     key_prefix: str,
-    fuzz_database: str,
+    own_database: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ThreadServed]:
     settings = _settings(
         redis_url=redis_url,
-        database_url=fuzz_database,
+        database_url=own_database,
         # Under the session's prefix: its keys are deleted with the session's.
         flywheel_redis_prefix=f"{key_prefix}fuzz:",
         flywheel_var_dir=tmp_path_factory.mktemp("fuzzvar"),

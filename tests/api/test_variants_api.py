@@ -89,10 +89,9 @@ def ask(marker: str, model: str = "plain", **extra: Any) -> dict[str, Any]:
 
 
 async def post(gw: Served, payload: dict[str, Any]) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-        resp = await client.post("/v1/chat/completions", json=payload)
-        await resp.aread()  # a stream, to its end
-        return resp
+    resp = await gw.client.post("/v1/chat/completions", json=payload)
+    await resp.aread()  # a stream, to its end
+    return resp
 
 
 def received(fake: FakeServer, marker: str) -> list[Seen]:
