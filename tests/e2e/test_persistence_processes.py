@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from app.config import normalise_database_url
 from app.store.db import make_engine
-from app.store.schema import RequestRow
+from app.store.schema import RequestBody, RequestRow
 from tests.e2e.conftest import ROOT, free_port, start_worker, stop, wait_for
 
 REQUESTS = 1000
@@ -60,7 +60,10 @@ def rig(
     routes = tmp_path / "routes.yaml"
     route = f"m-{uuid.uuid4().hex[:8]}"
     mock = {"name": "mock", "provider": "mock", "model": "mock-1", "mock": {"latency_ms": 1}}
-    routes.write_text(yaml.safe_dump({"routes": {route: {"deployments": [mock]}}}))
+    kept = {"deployments": [mock], "bodies": {"store": True}}
+    routes.write_text(
+        yaml.safe_dump({"routes": {route: {"deployments": [mock]}, f"{route}-kept": kept}})
+    )
     port = free_port()
     interval = "30" if request.node.get_closest_marker("hold_records") else "0.05"
     env = {
@@ -214,3 +217,43 @@ async def test_graceful_gateway_stop_ships_what_it_holds(rig: Rig, database_url:
     assert b"Application shutdown complete" in rig.log.read_bytes()
     await wait_rows(rig, database_url, 300, within_s=10)
     assert await rows(rig, database_url) == (300, 300)
+
+
+async def test_nul_characters_clients_send_are_stored(rig: Rig, database_url: str) -> None:
+    """PostgreSQL text holds no NUL: a client's NUL in a message, its `user` or its
+    metadata must neither sink the batch it ships in nor be lost from the kept body."""
+    rig.worker()
+    route = f"{rig.route}-kept"
+    body = {
+        "model": route,
+        "messages": [{"role": "user", "content": "before\x00after"}],
+        "user": "user\x00one",
+        "metadata": {"tag\x00": "value\x00"},
+    }
+    async with httpx.AsyncClient(base_url=rig.url, timeout=30) as client:
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        ids = [resp.json()["id"]]
+    ids += await send(rig, 20)  # in the same batches as the NULs
+    await wait_rows(rig, database_url, 20, within_s=20)
+    engine = make_engine(normalise_database_url(database_url))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            async with engine.connect() as conn:
+                stored = (
+                    await conn.execute(
+                        select(RequestBody.request).where(RequestBody.route == route)
+                    )
+                ).scalar_one_or_none()
+                landed = (
+                    await conn.execute(select(func.count()).where(RequestRow.id.in_(ids)))
+                ).scalar_one()
+            if stored is not None or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await engine.dispose()
+    assert landed == 21
+    assert stored is not None, "the kept body did not land"
+    assert "before\\u0000after" in stored  # JSON text: the NUL kept, escaped
