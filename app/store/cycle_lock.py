@@ -35,12 +35,23 @@ def next_key(prefix: str) -> str:
     return f"{prefix}cycle:next_at"
 
 
+# Takes the key for ARGV[1], or answers who holds it, in one step: a SET NX then a GET
+# could find the holder gone in between and name no one.
+_CLAIM = """
+local held = redis.call('get', KEYS[1])
+if held then return held end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+
 async def claim(redis: Redis, prefix: str, owner: str) -> str | None:
     """Take the cycle for `owner`; None when taken, else the holder's id."""
-    if await redis.set(current_key(prefix), owner, nx=True, ex=HOLD_S):
-        return None
-    held = await redis.get(current_key(prefix))
-    return held.decode() if isinstance(held, bytes) else (held or "")
+    held = await cast(
+        Awaitable[bytes | str | None],
+        redis.eval(_CLAIM, 1, current_key(prefix), owner, str(HOLD_S)),
+    )
+    return held.decode() if isinstance(held, bytes) else held
 
 
 async def holder(redis: Redis, prefix: str) -> str | None:

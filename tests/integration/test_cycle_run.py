@@ -182,6 +182,20 @@ async def test_one_run_at_a_time(scene: Scene, redis: Redis) -> None:
     assert await claim(redis, scene.prefix, "job-b") is None
 
 
+async def test_a_claim_racing_a_release_names_a_holder_or_takes_it(
+    scene: Scene, redis: Redis
+) -> None:
+    """A trigger answers with the holder's job id: a claim that loses to a holder which
+    releases at that moment must take the cycle or name the holder, never no one."""
+    for i in range(50):
+        assert await claim(redis, scene.prefix, f"a-{i}") is None
+        got, _ = await asyncio.gather(
+            claim(redis, scene.prefix, f"b-{i}"), release(redis, scene.prefix, f"a-{i}")
+        )
+        assert got in (None, f"a-{i}")
+        await release(redis, scene.prefix, f"b-{i}")
+
+
 async def test_experiment_promotes_then_rolls_back(
     scene: Scene, redis: Redis, engine: AsyncEngine
 ) -> None:
