@@ -6,8 +6,9 @@ a sliding window of whole seconds, so N replicas sharing Redis never admit more 
 limit in any 60 consecutive one-second buckets (the window moves a second at a time, so
 a bucket's requests are released together as it leaves). The script reads Redis's own
 clock (TIME), so replicas whose clocks disagree still share one window. Budgets are one
-counter per key and period, in nano-dollars. The keys of one API key share a hash tag,
-so the script also runs on a Redis Cluster.
+counter per key and period, in nano-dollars. The keys one call touches share a hash
+tag, as a Redis Cluster would need, but Flywheel runs on a single Redis endpoint (its
+other clients and arq's queue address one node; see the README's high availability).
 """
 
 from __future__ import annotations

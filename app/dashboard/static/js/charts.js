@@ -69,6 +69,8 @@ export function timeChart(box, { title, xs, series, yFmt = String, height = 220,
   };
   const data = [xs, ...series.map((s) => s.values), ...thresholds.map((t) => xs.map(() => t.value))];
   const plot = new uPlot(opts, data, target);
+  // One point alone gets an axis of years around it: an hour either side instead.
+  if (xs.length === 1) plot.setScale("x", { min: xs[0] - 3600, max: xs[0] + 3600 });
   const observer = new ResizeObserver(() => {
     if (target.clientWidth > 0) plot.setSize({ width: target.clientWidth, height });
   });
