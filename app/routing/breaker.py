@@ -6,6 +6,11 @@ passed; half-open lets a few probes through, and closes after that many successe
 row. A failure while open or half-open pushes the cooldown later (doubling, capped),
 never earlier. Only failures the upstream caused are counted: callers report the
 client's own 4xx and the client's own deadlines as `neutral`.
+
+When every deployment of a route is open, the dispatcher may still send one forced
+probe rather than fail at once (a single deployment's blip should not cost the whole
+cooldown): one at a time, and at most one per `FORCED_PROBE_GAP_S`, so a dead upstream
+whose errors come back at once is not sent every request of a serial caller.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
+
+FORCED_PROBE_GAP_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,7 @@ class Breaker:
     _failures: int = 0  # failures among _outcomes, kept as they come and go
     _probes_in_flight: int = 0
     _probe_successes: int = 0
+    _next_forced: float = 0.0
 
     def _refresh(self, now: float) -> None:
         if self.state == "open" and now >= self.open_until:
@@ -63,8 +71,13 @@ class Breaker:
 
     def may_force_probe(self) -> bool:
         """Every deployment is open: may one request probe this one anyway? Only one at
-        a time, so a dead upstream is not sent every request as a "probe"."""
-        return self._probes_in_flight == 0
+        a time and one per FORCED_PROBE_GAP_S, so a dead upstream is not sent every
+        request as a "probe"."""
+        return self._probes_in_flight == 0 and self.clock() >= self._next_forced
+
+    def forced(self) -> None:
+        """A forced probe is going out (then `begin`)."""
+        self._next_forced = self.clock() + FORCED_PROBE_GAP_S
 
     def begin(self) -> bool:
         """A request is going out; True when it is a probe (the breaker is not closed)."""

@@ -292,7 +292,9 @@ class Dispatcher:
             # rather than fail at once. (One inside Retry-After is waited for instead.)
             ready = [d for d in ordered if d.not_before <= now and d.breaker.may_force_probe()]
             if ready:
-                return min(ready, key=lambda d: d.breaker.open_until)
+                chosen = min(ready, key=lambda d: d.breaker.open_until)
+                chosen.breaker.forced()
+                return chosen
         return None
 
     async def _acquire(

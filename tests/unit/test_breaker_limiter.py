@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from app.config import Settings
-from app.routing.breaker import Breaker, BreakerPolicy
+from app.routing.breaker import FORCED_PROBE_GAP_S, Breaker, BreakerPolicy
 from app.routing.config import parse_routes
 from app.routing.limiter import ConcurrencyLimiter, LimiterPolicy
 from app.routing.router import Router
@@ -73,10 +73,29 @@ def test_only_one_forced_probe_at_a_time() -> None:
     b.failure()
     assert b.current() == "open"
     assert b.may_force_probe()
+    b.forced()
     assert b.begin()
     assert not b.may_force_probe()
     b.neutral(probe=True)
+    assert not b.may_force_probe()  # done at once, but the gap has not passed
+    clock.now += FORCED_PROBE_GAP_S
     assert b.may_force_probe()
+
+
+def test_forced_probes_of_a_dead_upstream_are_spaced() -> None:
+    """A serial caller's requests, each failing at once, probe once per gap."""
+    clock = Clock()
+    b = Breaker(BreakerPolicy(min_requests=1, cooldown_s=60), clock)
+    b.failure()
+    sent = 0
+    for _ in range(100):  # 100 requests over 5 s
+        if b.may_force_probe():
+            b.forced()
+            assert b.begin()
+            b.failure(probe=True)
+            sent += 1
+        clock.now += 0.05
+    assert sent == round(5 / FORCED_PROBE_GAP_S)
 
 
 def test_neutral_outcomes_do_not_count() -> None:
