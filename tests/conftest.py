@@ -259,15 +259,18 @@ class Served:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        self.server.should_exit = True
+        try:
+            if self._client is not None:
+                await self._client.aclose()
+        finally:
+            self.server.should_exit = True
         if self._task is not None:
             # Bounded, and saying where it stuck: a shutdown that hangs would otherwise
-            # only show as the test's timeout.
+            # only show as the test's timeout (and keep its port for the session).
             done, _ = await asyncio.wait({self._task}, timeout=SHUTDOWN_S)
             if not done:
                 stuck = "".join(_stacks())
+                self._task.cancel()
                 raise AssertionError(f"the gateway did not stop in {SHUTDOWN_S} s:\n{stuck}")
             self._task.result()
 

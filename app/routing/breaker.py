@@ -9,8 +9,9 @@ client's own 4xx and the client's own deadlines as `neutral`.
 
 When every deployment of a route is open, the dispatcher may still send one forced
 probe rather than fail at once (a single deployment's blip should not cost the whole
-cooldown): one at a time, and at most one per `FORCED_PROBE_GAP_S`, so a dead upstream
-whose errors come back at once is not sent every request of a serial caller.
+cooldown): none while one is in flight, and at most one chosen per `FORCED_PROBE_GAP_S`,
+so a dead upstream whose errors come back at once is not sent every request of a
+serial caller. A request whose forced probe fails goes on to its fallbacks.
 """
 
 from __future__ import annotations

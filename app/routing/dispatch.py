@@ -206,8 +206,14 @@ class Dispatcher:
                 if saturated:
                     # Waited the bounded time at every limit there was: answer now.
                     raise _RouteSpent(self._saturated(name), Failure.UPSTREAM)
-                if last is None and not any(x.not_before > now for x in ordered):
-                    raise _RouteSpent(self._all_open(name, ordered, now), Failure.UPSTREAM)
+                if not any(x.not_before > now for x in ordered):
+                    if last is None:
+                        raise _RouteSpent(self._all_open(name, ordered, now), Failure.UPSTREAM)
+                    if not any(x.usable(now) for x in ordered):
+                        # Every breaker is open and this request's try failed (a forced
+                        # probe, or the failure that opened them): on to the fallbacks,
+                        # not a wait for the next forced probe.
+                        raise _RouteSpent(*last)
                 await self._wait_for_turn(name, ordered, failures, last, deadline)
                 tried.clear()
                 continue
@@ -313,7 +319,8 @@ class Dispatcher:
         return None
 
     def _all_open(self, name: str, ordered: list[Deployment], now: float) -> GatewayError:
-        """Every breaker is open and a probe is already out: a fast 503 until half-open."""
+        """Every breaker is open and no forced probe may go now (one is out, or one went
+        within FORCED_PROBE_GAP_S): a fast 503 until half-open."""
         wait = min(max(d.breaker.open_until - now, 0.0) for d in ordered)
         return ServiceUnavailableError(
             f"every deployment of route {name!r} is failing; retry later",

@@ -1,10 +1,11 @@
 """Who is running the cycle, and when the next scheduled run is due (Redis).
 
 One run at a time across every worker and trigger: `{prefix}cycle:current` holds the
-id of the job running (or queued to run) the cycle, taken with SET NX and released only
-by its holder. A trigger that finds it held answers with that job instead of queueing a
-second; a schedule tick that finds it held skips. Its expiry outlives the longest run,
-so a worker killed mid-run frees it without anyone's help.
+id of the job running (or queued to run) the cycle, taken only when free (one Lua step
+takes it or names its holder) and released only by its holder. A trigger that finds it
+held answers with that job instead of queueing a second; a schedule tick that finds it
+held skips. Its expiry outlives the longest run, so a worker killed mid-run frees it
+without anyone's help.
 
 `{prefix}cycle:next_at` is when the next scheduled run is due (epoch seconds): whichever
 worker first sees it pass takes the run, so N workers schedule as one and a restart

@@ -247,6 +247,34 @@ async def test_all_open_sends_one_probe_not_every_request(serve: Any, fake: Fake
     assert int(refused[0].headers["retry-after"]) >= 1
 
 
+async def test_a_failed_forced_probe_goes_on_to_the_fallback(serve: Any, fake: FakeServer) -> None:
+    """With every breaker open, a request's forced probe fails: its retries do not wait
+    for the next probe (or hit the dead upstream again), it goes on to the fallback."""
+    dead = "toggle-dead-fb"
+    fake.state.failing.add(dead)
+    routes = {
+        "r": {
+            "retries": 2,
+            "breaker": {"min_requests": 2, "cooldown_s": 30, "probes": 1},
+            "deployments": [dep(fake, dead)],
+            "fallbacks": ["good"],
+        },
+        "good": {"deployments": [dep(fake, "gpt-fake")]},
+    }
+    async with serve(**routes) as gw:
+        # Two failures open the breaker; the fallback answers.
+        opened = [await post(gw, chat_body("r")) for _ in range(2)]
+        assert all(a.status_code == 200 for a in opened)
+        await asyncio.sleep(FORCED_PROBE_GAP_S)  # a forced probe may go again
+        before = fake.state.count(dead)
+        started = time.monotonic()
+        answer = await post(gw, chat_body("r"))
+        took = time.monotonic() - started
+    assert answer.status_code == 200
+    assert fake.state.count(dead) - before == 1  # the forced probe, and no retry of it
+    assert took < FORCED_PROBE_GAP_S, took
+
+
 async def test_fallback_past_a_route_with_no_usable_deployment(
     serve: Any, fake: FakeServer
 ) -> None:

@@ -76,6 +76,9 @@ def test_only_one_forced_probe_at_a_time() -> None:
     b.forced()
     assert b.begin()
     assert not b.may_force_probe()
+    clock.now += FORCED_PROBE_GAP_S
+    assert not b.may_force_probe()  # the gap has passed, but the probe is still out
+    clock.now -= FORCED_PROBE_GAP_S
     b.neutral(probe=True)
     assert not b.may_force_probe()  # done at once, but the gap has not passed
     clock.now += FORCED_PROBE_GAP_S

@@ -53,10 +53,11 @@ def _runner(ctx: dict[str, Any]) -> CycleRunner:
 async def cycle_run(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     """A run on demand, holding the cycle under `job_id` (the trigger took it for us)."""
     redis, prefix = ctx["redis"], get_context(ctx).settings.flywheel_redis_prefix
-    current = await holder(redis, prefix)
-    if current != job_id and await claim(redis, prefix, job_id) is not None:
-        # The trigger's hold expired and another run took the cycle meanwhile.
-        return {"skipped": True, "running": current}
+    if await holder(redis, prefix) != job_id:
+        running = await claim(redis, prefix, job_id)
+        if running is not None:
+            # The trigger's hold expired and another run took the cycle meanwhile.
+            return {"skipped": True, "running": running}
     try:
         return await _runner(ctx).run("manual", job_id)
     finally:
