@@ -35,7 +35,7 @@ from app.observability.queue_metrics import consolidation_exposition
 from app.state import AppState
 from app.store.consolidation import consolidation_status
 from app.store.db import DB_ERRORS
-from app.store.metrics_history import latest_total, read_history
+from app.store.metrics_read import latest_total, read_history
 
 T = TypeVar("T")
 

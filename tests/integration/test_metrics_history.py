@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.store import metrics_history
 from app.store.consolidation import late_key
 from app.store.jobs import read_jobs
-from app.store.metrics_history import ALL, NONE, persist, prune_points, read_history
+from app.store.metrics_history import ALL, NONE, persist, prune_points
+from app.store.metrics_read import read_history
 from app.store.schema import MetricsPoint, RequestRow
 from workers.context import shutdown, startup
 from workers.tasks.metrics import persist_metrics
