@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import secrets
-import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.api.auth import Caller, authenticate
-from app.auth.session import api_session
+from app.auth.session_revocation import api_session
 from app.errors import AuthenticationError, PermissionDeniedError
 from app.state import AppState
 
@@ -40,7 +39,7 @@ async def require_admin(request: Request, state: StateDep) -> None:
         token.encode(), master.get_secret_value().encode()
     ):
         return
-    if api_session(request.headers, master, time.time()):
+    if await api_session(state, request.headers):
         return  # the operator dashboard, logged in with the master key
     raise AuthenticationError("admin endpoints need the master key as a bearer token")
 

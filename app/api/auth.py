@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.auth.resolver import KeyInfo, KeyLookupUnavailable
-from app.auth.session import api_session
+from app.auth.session_revocation import api_session
 from app.cache.keys import tenant_of
 from app.errors import AuthenticationError, PermissionDeniedError, ServiceUnavailableError
 from app.state import AppState
@@ -68,7 +68,7 @@ async def authenticate(state: AppState, headers: Mapping[str, str]) -> Caller:
     token = _bearer(header)
     required = state.settings.auth_required
     if token is None:
-        if api_session(headers, state.settings.flywheel_master_key, time.time()):
+        if await api_session(state, headers):
             return Caller("master", master=True)  # the operator dashboard
         if required:
             raise AuthenticationError(

@@ -21,7 +21,8 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from app.auth.session import COOKIE, issue, session_valid
+from app.auth.session import COOKIE, issue
+from app.auth.session_revocation import log_out, page_session
 from app.dashboard import STATIC_DIR
 from app.deps import StateDep
 from app.errors import AuthenticationError, NotFoundError, PermissionDeniedError
@@ -67,8 +68,8 @@ def _file(name: str) -> Response:
     return Response(body, media_type=kind + charset, headers=dict(HEADERS))
 
 
-def logged_in(request: Request, state: AppState) -> bool:
-    return session_valid(request.headers, state.settings.flywheel_master_key, time.time())
+async def logged_in(request: Request, state: AppState) -> bool:
+    return await page_session(state, request.headers)
 
 
 class Login(BaseModel):
@@ -116,7 +117,10 @@ async def login(request: Request, state: StateDep, body: Annotated[Login, Body()
 
 
 @router.post("/logout")
-async def logout() -> Response:
+async def logout(request: Request, state: StateDep) -> Response:
+    """Ends the session on every replica (recorded in Redis until it would have
+    expired), and clears the cookie."""
+    await log_out(state, request.headers)
     response = Response(status_code=204, headers={"Cache-Control": "no-store"})
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response
@@ -124,7 +128,7 @@ async def logout() -> Response:
 
 @router.get("/")
 async def page(request: Request, state: StateDep) -> Response:
-    if not logged_in(request, state):
+    if not await logged_in(request, state):
         return RedirectResponse("/dashboard/login", status_code=303)
     return _file("index.html")
 
@@ -137,6 +141,6 @@ async def asset(
     on disk, so `..` and the like find nothing."""
     if name not in FILES:
         raise NotFoundError(f"no dashboard file {name[:100]!r}", code="not_found")
-    if name not in PUBLIC and not logged_in(request, state):
+    if name not in PUBLIC and not await logged_in(request, state):
         raise AuthenticationError("log in to the dashboard first", code="invalid_session")
     return _file(name)

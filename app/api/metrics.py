@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.auth.session import api_session
+from app.auth.session_revocation import api_session
 from app.deps import StateDep
 from app.errors import AuthenticationError, ServiceUnavailableError
 from app.observability.batch_metrics import batch_exposition, read_batch_stats
@@ -50,7 +50,7 @@ async def require_metrics_token(request: Request, state: StateDep) -> None:
     token = state.settings.flywheel_metrics_token
     if token is None:
         return
-    if api_session(request.headers, state.settings.flywheel_master_key, time.time()):
+    if await api_session(state, request.headers):
         return  # the operator dashboard, logged in with the master key
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     given = given.strip()

@@ -1,12 +1,14 @@
 """Dashboard sessions: a signed, expiring cookie issued for the master key.
 
 The browser never holds the master key: logging in trades it for a token that says
-"master, until T", signed with a key derived from the master key. Nothing is stored,
-so every replica accepts a session any replica issued, and a new master key ends every
-session at once. The cookie is HttpOnly (page scripts cannot read it) and SameSite=Strict
-(other sites' pages cannot send it). The API endpoints take it only beside the
-`X-Flywheel-Dashboard` header: a custom header cannot be sent cross-origin without a
-CORS preflight the gateway never grants, a second guard against cross-site requests.
+"master, until T", signed with a key derived from the master key. Nothing is stored
+at login, so every replica accepts a session any replica issued, and a new master key
+ends every session at once; a logout is kept in Redis until the session would have
+expired (`app.auth.session_revocation`). The cookie is HttpOnly (page scripts cannot
+read it) and SameSite=Strict (other sites' pages cannot send it). The API endpoints take
+it only beside the `X-Flywheel-Dashboard` header: a custom header cannot be sent
+cross-origin without a CORS preflight the gateway never grants, a second guard against
+cross-site requests.
 """
 
 from __future__ import annotations
@@ -82,14 +84,17 @@ def cookie_tokens(headers: Mapping[str, str]) -> list[str]:
     return found
 
 
-def session_valid(headers: Mapping[str, str], master: SecretStr | None, now: float) -> bool:
-    """Whether the request carries a valid session cookie (pages and their files)."""
-    return any(valid(token, master, now) for token in cookie_tokens(headers)[:4])
+def session_tokens(headers: Mapping[str, str], master: SecretStr | None, now: float) -> list[str]:
+    """The request's validly signed, unexpired session cookies (pages and their files);
+    whether one was revoked at logout is `app.auth.session_revocation`'s to say."""
+    return [token for token in cookie_tokens(headers)[:4] if valid(token, master, now)]
 
 
-def api_session(headers: Mapping[str, str], master: SecretStr | None, now: float) -> bool:
-    """Whether an API request comes from a logged-in dashboard: a valid session cookie
-    and the dashboard's own header (see the module's note on cross-site requests)."""
+def api_session_tokens(
+    headers: Mapping[str, str], master: SecretStr | None, now: float
+) -> list[str]:
+    """As `session_tokens`, for an API request: only beside the dashboard's own header
+    (see the module's note on cross-site requests)."""
     if master is None or not headers.get(HEADER):
-        return False
-    return session_valid(headers, master, now)
+        return []
+    return session_tokens(headers, master, now)

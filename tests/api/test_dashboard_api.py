@@ -5,6 +5,7 @@ sessions that end (expiry, a new master key), and logins limited per address."""
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -187,6 +188,69 @@ async def test_logout_and_unknown_or_escaping_paths(gw: Served) -> None:
         out = await client.post("/dashboard/logout")
         assert out.status_code == 204
         assert (await client.get("/dashboard/")).status_code == 303
+
+
+async def test_a_logged_out_session_is_refused_by_every_replica(
+    gw: Served, make_settings: Callable[..., Settings]
+) -> None:
+    """Logout ends the session server-side: its cookie, kept and replayed (a copy an
+    attacker took, a second tab), opens nothing on this replica or another, while a
+    session logged in separately lives on."""
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        token = (await _login(client, MASTER)).cookies[COOKIE]
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as other:
+        kept = (await _login(other, MASTER)).cookies[COOKIE]
+    replica = make_settings(
+        flywheel_master_key=MASTER,
+        flywheel_metrics_token="metrics-token-0123456789",
+        flywheel_auth="required",
+    )
+    cookie = {"cookie": f"{COOKIE}={token}"}
+    alive = {"cookie": f"{COOKIE}={kept}"} | DASH
+
+    async def status(served: Served, path: str, headers: dict[str, str]) -> int:
+        async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+            return (await client.get(path, headers=headers)).status_code
+
+    async with Served(create_app(replica)) as two:
+        for served in (gw, two):
+            assert await status(served, "/admin/routes", cookie | DASH) == 200
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            out = await client.post("/dashboard/logout", headers=cookie)
+        assert out.status_code == 204
+        for served in (gw, two):
+            for path in ("/admin/routes", "/v1/virtuous-cycle/status", "/metrics/cache"):
+                assert await status(served, path, cookie | DASH) == 401, (served.url, path)
+            assert await status(served, "/dashboard/", cookie) == 303
+            assert await status(served, "/dashboard/js/app.js", cookie) == 401
+            assert await status(served, "/admin/routes", alive) == 200
+
+
+async def test_logout_with_redis_down_still_clears_the_cookie(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With Redis unreachable the logout cannot be recorded: the browser's cookie is
+    cleared all the same, and sessions go on being checked by signature and expiry
+    (an outage degrades; it does not lock the operator out)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]  # bound, never listening: connections are refused
+        settings = make_settings(
+            flywheel_master_key=MASTER,
+            flywheel_auth="required",
+            redis_url=f"redis://127.0.0.1:{dead}/0",
+        )
+        async with (
+            Served(create_app(settings)) as served,
+            httpx.AsyncClient(base_url=served.url, timeout=10) as client,
+        ):
+            done = await _login(client, MASTER)
+            assert done.status_code == 204
+            assert (await client.get("/admin/routes", headers=DASH)).status_code == 200
+            out = await client.post("/dashboard/logout")
+            assert out.status_code == 204
+            assert "max-age=0" in out.headers["set-cookie"].lower()
+            assert COOKIE not in client.cookies  # the browser's copy is gone
 
 
 async def test_no_master_key_means_no_dashboard(make_settings: Callable[..., Settings]) -> None:
