@@ -93,9 +93,12 @@ def _expected_error(status: int, error_type: str, code: str | None) -> Callable[
 
 def _flaky(answer: Answer) -> Verdict:
     if answer.status in UPSTREAM_TROUBLE:
-        if _error_shape(answer) is None:
+        error = _error_shape(answer)
+        if error is None:
             return "unexpected", f"{answer.status}, not OpenAI-shaped"
-        return "expected", f"upstream {answer.status}"
+        # With the code: a 503 may be open breakers or saturated concurrency limits.
+        code = f" {error['code']}" if error["code"] else ""
+        return "expected", f"upstream {answer.status}{code}"
     return _success(answer, stream=False)
 
 
