@@ -10,7 +10,6 @@ directory, the access log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from typing import Literal
 
 from app.api.http_limits import HttpLimits
 from app.auth.resolver import KeyService
+from app.background import stop_tasks
 from app.cache.service import make_cache
 from app.config import Settings
 from app.observability.access_log import AccessLog
@@ -165,12 +165,9 @@ async def open_state(
     try:
         yield state
     finally:
-        tasks = (weights_task, variants_task, live_task, cache_task, metrics_task, sweep_task)
-        for task in tasks:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_tasks(
+            weights_task, variants_task, live_task, cache_task, metrics_task, sweep_task
+        )
         await key_service.stop()
         await limiter.drain()
         tokens.close()

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.keys import KeyStore, hash_key
+from app.background import stop_tasks
 from app.config import Settings
 from app.store.redis import follow_channel
 from app.store.schema import ApiKey
@@ -248,9 +249,6 @@ class KeyService:
             )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_tasks(self._task)
         if self._subscriber is not None:
             await self._subscriber.aclose()

@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from app.background import stop_tasks
 from app.cache.entry import Cached, CorruptEntry, decode, encode
 from app.cache.keys import route_pattern
 from app.cache.l1 import L1Cache
@@ -308,9 +309,7 @@ class ResponseCache:
                 await asyncio.sleep(HOT_FLUSH_S)
                 await self.flush_hot()
         finally:
-            subscriber.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await subscriber
+            await stop_tasks(subscriber)
 
     async def _follow_purges(self) -> None:
         assert self.l2 is not None

@@ -14,7 +14,6 @@ routes that keep bodies), masked like everything else that is logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from app.background import stop_tasks
 from app.observability.redact import redact, redact_text
 from app.store.records import RequestRecord
 
@@ -144,9 +144,7 @@ class AccessLog:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None
         self.flush()
 

@@ -22,6 +22,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.background import stop_tasks
 from app.observability.redact import Redactors
 from app.store.owners import Owners
 
@@ -183,9 +184,7 @@ class Recorder:
     async def stop(self, drain_timeout_s: float = 2.0) -> None:
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_tasks(self._task)
         self._task = None
         # The lock waits for a flush the cancel interrupted (it is shielded), then drains.
         with contextlib.suppress(TimeoutError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -13,6 +12,7 @@ from typing import Any
 from sqlalchemy import insert, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.background import stop_tasks
 from app.store.heartbeat import HEARTBEAT_INTERVAL_S, write_beat
 from app.store.schema import WorkerHeartbeat
 from workers.context import get_context
@@ -77,10 +77,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     task = ctx.pop(TASK_KEY, None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop_tasks(task)
 
 
 FUNCTIONS = [heartbeat]
