@@ -19,6 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.background import stop_tasks
 from app.config import Settings
 from app.observability.tracing import Tracing, make_tracing
 from app.store.db import DB_ERRORS, make_engine
@@ -68,9 +69,7 @@ async def finish(task: asyncio.Task[None], wait_s: float, what: str) -> None:
         await asyncio.wait_for(asyncio.shield(task), wait_s)
     except TimeoutError:
         log.warning("%s did not stop in %.0f s; cancelling it", what, wait_s)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_tasks(task)
 
 
 # What a background loop rides out (logged once, and when it ends) rather than stops on.

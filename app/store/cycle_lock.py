@@ -55,11 +55,6 @@ async def claim(redis: Redis, prefix: str, owner: str) -> str | None:
     return held.decode() if isinstance(held, bytes) else held
 
 
-async def holder(redis: Redis, prefix: str) -> str | None:
-    held = await redis.get(current_key(prefix))
-    return held.decode() if isinstance(held, bytes) else held
-
-
 async def release(redis: Redis, prefix: str, owner: str) -> bool:
     done = await cast(Awaitable[int], redis.eval(_RELEASE, 1, current_key(prefix), owner))
     return bool(done)

@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from app.routing.config import load_routes
-from app.store.cycle_lock import claim, due, holder, release
+from app.store.cycle_lock import claim, due, release
 from workers.context import OUTAGES, finish, get_context, tick_until
 from workers.cycle_run import CycleRunner
 from workers.llm_calls import LLMCalls
@@ -53,11 +53,10 @@ def _runner(ctx: dict[str, Any]) -> CycleRunner:
 async def cycle_run(ctx: dict[str, Any], job_id: str) -> dict[str, Any]:
     """A run on demand, holding the cycle under `job_id` (the trigger took it for us)."""
     redis, prefix = ctx["redis"], get_context(ctx).settings.flywheel_redis_prefix
-    if await holder(redis, prefix) != job_id:
-        running = await claim(redis, prefix, job_id)
-        if running is not None:
-            # The trigger's hold expired and another run took the cycle meanwhile.
-            return {"skipped": True, "running": running}
+    running = await claim(redis, prefix, job_id)
+    if running not in (None, job_id):
+        # The trigger's hold expired and another run took the cycle meanwhile.
+        return {"skipped": True, "running": running}
     try:
         return await _runner(ctx).run("manual", job_id)
     finally:
